@@ -1,0 +1,416 @@
+"""MoLAConfig, target matching and presets, ``inject`` (peft-style in-place wrapping) and MoLAModel."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mola.config_utils import from_dict
+from mola.layers import Lift, MLPRouter, MoLAConv2d, MoLALayer, MoLALinear, Router, Routing, twd_loss
+
+PRESETS = ("last_stage", "all_stages")
+
+
+@dataclass
+class MoLAConfig:
+    """Where MoLA goes and how it mixes: the single source of MoLA defaults (method.md §2-5, §11)."""
+
+    mode: Literal["grad", "router"] = "grad"
+    num_experts: int = 0
+    rank: int | dict[str, int] = 4
+    alpha: float = 16.0
+    layout: Literal["kernel", "factorized"] = "kernel"
+    compute: Literal["auto", "reference"] = "auto"
+    target_modules: str | list[str] = "last_stage"
+    router_type: Literal["auto", "resnet", "mlp"] = "auto"
+    router_input_size: int | None = None
+    router_in_channels: int | None = None
+    lift_dim: int = 32
+    lift_input: Literal["logits", "weights"] = "logits"
+    lift_hidden: int | None = None
+    twd_weight: float = 0.1
+    twd_tau: float = 1.0
+
+    def __post_init__(self) -> None:
+        checks = {"mode": ("grad", "router"), "layout": ("kernel", "factorized"), "compute": ("auto", "reference"),
+                  "router_type": ("auto", "resnet", "mlp"), "lift_input": ("logits", "weights")}
+        for key, allowed in checks.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"MoLAConfig.{key}={getattr(self, key)!r}; expected one of {list(allowed)}")
+        if self.twd_weight < 0 or self.twd_tau <= 0:
+            raise ValueError("MoLAConfig: twd_weight must be >= 0 and twd_tau > 0")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoLAConfig:
+        return from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- target matching ----------------------------------------------------------------------------------
+def pattern_matches(pattern: str, name: str) -> bool:
+    """peft-style: equal, or ends with '.' + pattern; 're:...' is a regex fullmatched on the qualified name."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _stages(model: nn.Module) -> tuple[list[str], str]:
+    """Stage prefixes of a known backbone and what to wrap in them ('conv', 'mlp' or 'any')."""
+    custom = getattr(model, "mola_stages", None)
+    if custom is not None:
+        return list(custom), getattr(model, "mola_stage_modules", "any")
+    names = dict(model.named_modules())
+    if all(f"layer{i}" in names for i in (1, 2, 3)):
+        return [f"layer{i}" for i in range(1, 5) if f"layer{i}" in names], "conv"
+    for container in ("encoder.layers", "blocks", "transformer.resblocks", "layers"):
+        mod = names.get(container)
+        if isinstance(mod, (nn.Sequential, nn.ModuleList)) and len(mod) > 0:
+            return [f"{container}.{n}" for n, _ in mod.named_children()], "mlp"
+    raise ValueError(
+        f"target_modules presets {PRESETS} know torchvision/timm ResNets and ViTs and models with a "
+        f"`mola_stages` attribute; {type(model).__name__} is none of these: pass a list of module names"
+    )
+
+
+def _select_stages(prefixes: list[str], preset: str, kind: str) -> list[str]:
+    if preset == "all_stages":
+        return prefixes
+    if preset == "last_stage":
+        return prefixes[-max(1, math.ceil(len(prefixes) / 4)):] if kind == "mlp" else prefixes[-1:]
+    if preset.startswith("stages:"):
+        try:
+            idx = [int(s) for s in preset[len("stages:"):].split(",") if s.strip()]
+        except ValueError:
+            idx = []
+        if not idx or any(i < 1 or i > len(prefixes) for i in idx):
+            raise ValueError(f"target_modules {preset!r}: expected 1-based stage numbers in 1..{len(prefixes)}")
+        return [prefixes[i - 1] for i in idx]
+    raise ValueError(f"unknown target_modules preset {preset!r}; presets: {list(PRESETS)} or 'stages:1,3'")
+
+
+def _wrappable(model: nn.Module) -> dict[str, nn.Module]:
+    """Conv2d/Linear modules MoLA can wrap (Linear layers that a parent reads as raw weights excluded)."""
+    raw = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            raw.add(f"{name}.out_proj" if name else "out_proj")
+    return {n: m for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear) and n not in raw}
+
+
+def resolve_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Qualified names of the modules ``target_modules`` selects, in model order; errors name the problem."""
+    wrappable = _wrappable(model)
+    if isinstance(target_modules, str):
+        prefixes, kind = _stages(model)
+        chosen = _select_stages(prefixes, target_modules, kind)
+        out = []
+        for n, m in wrappable.items():
+            if not any(n.startswith(p + ".") for p in chosen):
+                continue
+            if kind == "conv" and not isinstance(m, nn.Conv2d):
+                continue
+            if kind == "mlp" and not (isinstance(m, nn.Linear) and ".mlp." in f".{n}."):
+                continue
+            out.append(n)
+        if not out:
+            raise ValueError(f"target_modules preset {target_modules!r} selected no module in {type(model).__name__}")
+        return out
+    if not isinstance(target_modules, (list, tuple)) or not target_modules:
+        raise ValueError(f"target_modules must be a preset string or a non-empty list, got {target_modules!r}")
+    all_names = [n for n, _ in model.named_modules() if n]
+    selected: dict[str, None] = {}
+    for pat in target_modules:
+        hits = [n for n in all_names if pattern_matches(pat, n)]
+        if not hits:
+            close = difflib.get_close_matches(pat, list(wrappable), n=3)
+            hint = f" Close names: {close}." if close else ""
+            raise ValueError(f"target pattern {pat!r} matched no module of {type(model).__name__}.{hint}")
+        for n in hits:
+            if n not in wrappable:
+                mod = model.get_submodule(n)
+                why = (
+                    "it is read as a raw weight by its nn.MultiheadAttention parent"
+                    if isinstance(mod, nn.Linear)
+                    else "MoLA wraps only nn.Conv2d and nn.Linear"
+                )
+                raise ValueError(f"cannot wrap module {n!r} ({type(mod).__name__}) matched by {pat!r}: {why}")
+            selected[n] = None
+    order = list(wrappable)
+    return sorted(selected, key=order.index)
+
+
+def _rank_for(name: str, rank: int | dict[str, int]) -> int:
+    if isinstance(rank, int):
+        return rank
+    for pat, r in rank.items():
+        if pat != "*" and pattern_matches(pat, name):
+            return r
+    if "*" in rank:
+        return rank["*"]
+    raise ValueError(f"rank dict {rank} has no pattern for module {name!r} (add a '*' default)")
+
+
+# -- the wrapped model -----------------------------------------------------------------------------
+class MoLAModel(nn.Module):
+    """A model whose targeted layers carry MoLA adapters, plus (router mode) the shared router and lift.
+
+    ``forward(x, task_ids=None, weights=None, *args, **kwargs)`` sets the routing once, then calls the wrapped
+    model and returns its output unchanged.
+    """
+
+    def __init__(self, model: nn.Module, config: MoLAConfig, layers: dict[str, MoLALayer],
+                 router: nn.Module | None, lift: Lift | None) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.layer_names = list(layers)
+        self.router = router
+        self.lift = lift
+        self.routing = Routing(config.num_experts)
+        for layer in layers.values():
+            layer.routing = self.routing
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    def mola_layers(self) -> dict[str, MoLALayer]:
+        return {n: self.model.get_submodule(n) for n in self.layer_names}  # type: ignore[misc]
+
+    # -- routing --------------------------------------------------------------------------------------
+    def _check_task_ids(self, task_ids: Any, batch: int, bounded: bool) -> Tensor:
+        if not isinstance(task_ids, Tensor):
+            raise ValueError(f"task_ids must be a torch.Tensor of shape ({batch},), got {type(task_ids).__name__}")
+        if task_ids.dtype.is_floating_point or task_ids.dtype == torch.bool or task_ids.is_complex():
+            raise ValueError(f"task_ids must be an integer tensor, got dtype {task_ids.dtype}")
+        if task_ids.shape != (batch,):
+            raise ValueError(f"task_ids must have shape ({batch},) to match the batch, got {tuple(task_ids.shape)}")
+        if batch:
+            lo, hi = int(task_ids.min()), int(task_ids.max())
+            top = self.num_experts if bounded else None
+            if lo < 0 or (top is not None and hi >= top):
+                bad = lo if lo < 0 else hi
+                rng = f"[0, {top})" if top is not None else ">= 0"
+                raise ValueError(f"task id {bad} out of range {rng} (num_experts={self.num_experts})")
+        return task_ids.long()
+
+    def set_routing(self, x: Any, task_ids: Tensor | None = None, weights: Tensor | None = None) -> None:
+        """Fill the shared routing state for input ``x`` (what ``forward`` does before calling the model)."""
+        if not isinstance(x, Tensor):
+            raise ValueError("MoLAModel expects the first input to be a batch tensor")
+        batch = x.shape[0]
+        grad = self.config.mode == "grad"
+        if task_ids is not None:
+            task_ids = self._check_task_ids(task_ids, batch, bounded=grad).to(x.device)
+        if weights is not None:
+            if not isinstance(weights, Tensor) or weights.shape != (batch, self.num_experts):
+                shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+                raise ValueError(f"weights must have shape ({batch}, {self.num_experts}), got {shape}")
+            if not weights.dtype.is_floating_point:
+                raise ValueError(f"weights must be a floating tensor, got {weights.dtype}")
+            self.routing.set_weights(weights, task_ids)
+            return
+        if grad:
+            if task_ids is None:
+                raise ValueError("MoLA-Grad needs task_ids: call model(x, task_ids=...) with a (B,) int tensor")
+            self.routing.set_task_ids(task_ids)
+            return
+        assert self.router is not None and self.lift is not None
+        logits = self.router(x)
+        w = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
+        self.routing.set_weights(w, task_ids)
+        self.routing.logits = logits
+        self.routing.z = self.lift(logits if self.config.lift_input == "logits" else w)
+
+    def forward(self, x: Any, *args: Any, task_ids: Tensor | None = None, weights: Tensor | None = None,
+                **kwargs: Any) -> Any:
+        self.set_routing(x, task_ids, weights)
+        return self.model(x, *args, **kwargs)
+
+    def twd_loss(self) -> Tensor:
+        """TwD loss of the last forward's codes and task ids (router mode)."""
+        r = self.routing
+        if r.z is None:
+            raise ValueError("twd_loss needs router codes: use mode='router' and let the router route")
+        if r.task_ids is None:
+            raise ValueError("twd_loss needs task ids: pass task_ids to forward in router mode")
+        return twd_loss(r.z, r.task_ids, self.config.twd_tau)
+
+    # -- parameters -----------------------------------------------------------------------------------
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        out = {}
+        for name, layer in self.mola_layers().items():
+            for pn, p in layer.named_parameters(recurse=False):
+                out[f"model.{name}.{pn}"] = p
+        return out
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts by part: backbone (incl. anything else inside the wrapped model), adapters, router, lift."""
+        adapters = sum(p.numel() for p in self.adapter_parameters().values())
+        router = sum(p.numel() for p in self.router.parameters()) if self.router is not None else 0
+        lift = sum(p.numel() for p in self.lift.parameters()) if self.lift is not None else 0
+        backbone = sum(p.numel() for p in self.model.parameters()) - adapters
+        return {"backbone": backbone, "adapters": adapters, "router": router, "lift": lift,
+                "total": backbone + adapters + router + lift}
+
+    # -- save / load ----------------------------------------------------------------------------------
+    def _adapter_state(self) -> dict[str, Tensor]:
+        state = {k: v.detach() for k, v in self.adapter_parameters().items()}
+        for part in ("router", "lift"):
+            mod = getattr(self, part)
+            if mod is not None:
+                state.update({f"{part}.{k}": v.detach() for k, v in mod.state_dict().items()})
+        return state
+
+    def _meta_config(self) -> dict[str, Any]:
+        d = self.config.to_dict()
+        d.pop("compute")
+        return d
+
+    def save_adapters(self, path: str | os.PathLike[str]) -> None:
+        """Write adapters, router and lift tensors + the config (metadata) to one .safetensors file, atomically."""
+        from safetensors.torch import save_file
+
+        from mola import __version__
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.cpu().contiguous().clone() for k, v in self._adapter_state().items()}
+        meta = {"format": "mola-adapters", "mola_version": __version__, "config": json.dumps(self._meta_config())}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def load_adapters(self, path: str | os.PathLike[str]) -> None:
+        """Load a file written by ``save_adapters``; another config, missing or extra tensors are ValueErrors."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"adapter file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise ValueError(f"corrupt or unreadable adapter file {path}: {err}") from err
+        if meta.get("format") != "mola-adapters" or "config" not in meta:
+            raise ValueError(f"{path} is not a mola adapter file (no mola metadata)")
+        saved = json.loads(meta["config"])
+        mine = json.loads(json.dumps(self._meta_config()))
+        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        if diff:
+            detail = ", ".join(f"{k}: file={saved.get(k)!r} model={mine.get(k)!r}" for k in diff)
+            raise ValueError(f"adapter file {path} was saved with another MoLA config ({detail})")
+        own = self._adapter_state()
+        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        if missing or extra:
+            raise ValueError(f"adapter file {path} does not fit this model: missing {missing[:5]}, extra {extra[:5]}")
+        for k, t in tensors.items():
+            if t.shape != own[k].shape:
+                raise ValueError(f"adapter file {path}: {k} has shape {tuple(t.shape)}, model has {tuple(own[k].shape)}")
+        with torch.no_grad():
+            for k, t in tensors.items():
+                own[k].copy_(t)
+
+    # -- deployment -----------------------------------------------------------------------------------
+    def merge(self, task_id: int) -> nn.Module:
+        """A plain copy of the wrapped model with W0 + s*dW_t folded in; this MoLA model is left unchanged."""
+        if not isinstance(task_id, int) or not 0 <= task_id < self.num_experts:
+            raise ValueError(f"task id {task_id!r} out of range [0, {self.num_experts})")
+        layers = self.mola_layers()
+        merged: dict[str, nn.Module] = {}
+        with torch.no_grad():
+            for n, layer in layers.items():
+                base = copy.deepcopy(layer.base_layer)
+                base.weight.copy_(layer.merged_weight(task_id))
+                merged[n] = base
+        # Deep-copy the model with MoLA layers temporarily swapped for their merged plain layers.
+        for n in layers:
+            _set_submodule(self.model, n, merged[n])
+        try:
+            out = copy.deepcopy(self.model)
+        finally:
+            for n, layer in layers.items():
+                _set_submodule(self.model, n, layer)
+        return out
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def _first(model: nn.Module, kind: type) -> nn.Module | None:
+    return next((m for m in model.modules() if isinstance(m, kind)), None)
+
+
+def build_router(model: nn.Module, config: MoLAConfig) -> nn.Module:
+    """The shared router for ``model``: residual net on images, MLP on feature inputs (method.md §4)."""
+    kind = config.router_type
+    conv = _first(model, nn.Conv2d)
+    if kind == "auto":
+        kind = "resnet" if (conv is not None or config.router_in_channels) else "mlp"
+    if kind == "resnet":
+        cin = config.router_in_channels or (conv.in_channels if conv is not None else None)
+        if cin is None:
+            raise ValueError("router_type='resnet' needs router_in_channels: the model has no Conv2d to read it from")
+        return Router(cin, config.num_experts, input_size=config.router_input_size)
+    lin = _first(model, nn.Linear)
+    fin = config.router_in_channels or (lin.in_features if lin is not None else None)
+    if fin is None:
+        raise ValueError("router_type='mlp' needs router_in_channels (the flattened input size)")
+    return MLPRouter(fin, config.num_experts)
+
+
+def inject(model: nn.Module, config: MoLAConfig) -> MoLAModel:
+    """Replace the targeted Conv2d/Linear modules of ``model`` in place with MoLA layers; return the MoLAModel."""
+    if not isinstance(config, MoLAConfig):
+        raise ValueError(f"inject expects a MoLAConfig, got {type(config).__name__}")
+    if config.num_experts < 1:
+        raise ValueError(f"MoLAConfig.num_experts must be >= 1 (E = number of tasks), got {config.num_experts}")
+    if any(isinstance(m, MoLALayer) for m in model.modules()):
+        raise ValueError("model already contains MoLA layers; inject into the original model once")
+    names = resolve_targets(model, config.target_modules)
+    layers: dict[str, MoLALayer] = {}
+    for n in names:
+        base = model.get_submodule(n)
+        kw = dict(num_experts=config.num_experts, rank=_rank_for(n, config.rank), alpha=config.alpha,
+                  layout=config.layout, compute=config.compute, name=n)
+        layer: MoLALayer = MoLAConv2d(base, **kw) if isinstance(base, nn.Conv2d) else MoLALinear(base, **kw)
+        _set_submodule(model, n, layer)
+        layers[n] = layer
+    router = lift = None
+    if config.mode == "router":
+        router = build_router(model, config)
+        lift = Lift(config.num_experts, config.lift_dim, config.lift_hidden)
+        p = next(model.parameters(), None)
+        if p is not None:
+            router.to(p.device)
+            lift.to(p.device)
+    return MoLAModel(model, config, layers, router, lift)
+
+
+__all__ = ["MoLAConfig", "MoLAModel", "build_router", "inject", "pattern_matches", "resolve_targets"]

@@ -1,0 +1,132 @@
+"""Shared machinery of MoLA layers: adapter bookkeeping, routing checks and the three compute paths.
+
+A subclass provides ``delta_weights`` (the exact dW_e of method.md §2), ``_apply`` (the wrapped op with a given
+weight) and ``_dense_delta`` (the cheapest exact evaluation of sum_e w_b,e f(x_b; dW_e)).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from mola.layers.routing import Routing
+
+Layout = Literal["kernel", "factorized"]
+Compute = Literal["auto", "reference"]
+LAYOUTS = ("kernel", "factorized")
+COMPUTES = ("auto", "reference")
+
+
+class MoLALayer(nn.Module):
+    """Base of MoLAConv2d / MoLALinear: y_b = f(x_b; W0 + s * sum_e w_b,e dW_e), s = alpha / rank."""
+
+    base_layer: nn.Module
+
+    def __init__(
+        self,
+        base: nn.Module,
+        num_experts: int,
+        rank: int,
+        alpha: float,
+        layout: str,
+        compute: str,
+        name: str,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"MoLA layer {name!r}: num_experts must be a positive int, got {num_experts!r}")
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"MoLA layer {name!r}: rank must be a positive int, got {rank!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"MoLA layer {name!r}: unknown layout {layout!r}; expected one of {LAYOUTS}")
+        if compute not in COMPUTES:
+            raise ValueError(f"MoLA layer {name!r}: unknown compute {compute!r}; expected one of {COMPUTES}")
+        self.base_layer = base
+        self.num_experts = num_experts
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scaling = float(alpha) / rank
+        self.layout = layout
+        self.compute = compute
+        self.layer_name = name
+        self.routing: Routing | None = None
+
+    # -- subclass interface -------------------------------------------------------------------------
+    def delta_weights(self, experts: Tensor | None = None) -> Tensor:
+        """dW_e for the given experts (all if None), shaped (n, *W0.shape), without the scaling s."""
+        raise NotImplementedError
+
+    def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def _dense_delta(self, x: Tensor, w: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # -- helpers ------------------------------------------------------------------------------------
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def merged_weight(self, expert: int) -> Tensor:
+        """W0 + s * dW_e: the weight a sample routed only to ``expert`` sees."""
+        idx = torch.tensor([expert], device=self.weight.device)
+        return self.weight + self.scaling * self.delta_weights(idx)[0]
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters(recurse=False)]
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, rank={self.rank}, alpha={self.alpha:g}, layout={self.layout}, "
+            f"compute={self.compute}"
+        )
+
+    def _routing(self, x: Tensor) -> Routing:
+        r = self.routing
+        if r is None:
+            raise RuntimeError(
+                f"MoLA layer {self.layer_name!r} has no routing: wrap the model with mola.inject and call it"
+            )
+        if x.shape[0] != r.batch_size:
+            raise ValueError(
+                f"MoLA layer {self.layer_name!r} got a batch of {x.shape[0]} samples but the routing holds "
+                f"{r.batch_size}; the model must keep the batch dimension first and intact"
+            )
+        return r
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        r = self._routing(x)
+        if self.compute == "reference":
+            return self._reference(x, r.mixing())
+        if r.dense:
+            assert r.weights is not None
+            return self._apply(x, self.weight, self.bias) + self.scaling * self._dense_delta(x, r.weights)
+        return self._per_task(x, r)
+
+    def _per_task(self, x: Tensor, r: Routing) -> Tensor:
+        """One merged weight per task present in the batch, one op per task on its samples."""
+        order, inverse, counts = r.groups()
+        present = [e for e, c in enumerate(counts) if c > 0]
+        idx = torch.tensor(present, device=self.weight.device)
+        merged = self.weight.unsqueeze(0) + self.scaling * self.delta_weights(idx)
+        if len(present) == 1:
+            return self._apply(x, merged[0], self.bias)
+        chunks = x.index_select(0, order).split(counts)
+        outs = [self._apply(chunks[e], merged[i], self.bias) for i, e in enumerate(present)]
+        return torch.cat(outs).index_select(0, inverse)
+
+    def _reference(self, x: Tensor, w: Tensor) -> Tensor:
+        """Slow, obvious per-sample definition, kept as the oracle for tests."""
+        dw = self.delta_weights().flatten(1)
+        outs = []
+        for b in range(x.shape[0]):
+            wb = self.weight + self.scaling * (w[b].to(dw.dtype) @ dw).view_as(self.weight)
+            outs.append(self._apply(x[b : b + 1], wb, self.bias))
+        return torch.cat(outs)

@@ -1,0 +1,105 @@
+"""MoLAConv2d: an ``nn.Conv2d`` with E low-rank adapters in the kernel or factorized layout (method.md §2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mola.layers.adapter import MoLALayer
+
+
+class MoLAConv2d(MoLALayer):
+    """Wraps an existing Conv2d (keeping weight, bias, stride, padding, dilation, groups) with E adapters.
+
+    ``layout="kernel"``: A_e (r*kh, (Ci/g)*kw), B_e (Co*kh, r*kh), dW_e = view(B_e @ A_e, W0.shape).
+    ``layout="factorized"``: A_e a conv Ci -> r with the base kernel, B_e a 1x1 conv r -> Co (groups must be 1).
+    """
+
+    base_layer: nn.Conv2d
+
+    def __init__(
+        self,
+        base: nn.Conv2d,
+        num_experts: int,
+        rank: int,
+        alpha: float = 16.0,
+        layout: str = "kernel",
+        compute: str = "auto",
+        name: str = "conv",
+    ) -> None:
+        if not isinstance(base, nn.Conv2d):
+            raise ValueError(f"MoLAConv2d wraps nn.Conv2d; {name!r} is {type(base).__name__}")
+        super().__init__(base, num_experts, rank, alpha, layout, compute, name)
+        co, ci_g, kh, kw = base.weight.shape
+        g = base.groups
+        if layout == "factorized" and g > 1:
+            raise ValueError(
+                f"MoLA layer {name!r}: the factorized layout does not support grouped convolutions "
+                f"(groups={g}); use layout='kernel'"
+            )
+        e, r = num_experts, rank
+        dev, dt = base.weight.device, base.weight.dtype
+        if layout == "kernel":
+            self.lora_A = nn.Parameter(torch.empty(e, r * kh, ci_g * kw, device=dev, dtype=dt))
+            self.lora_B = nn.Parameter(torch.zeros(e, co * kh, r * kh, device=dev, dtype=dt))
+        else:
+            self.lora_A = nn.Parameter(torch.empty(e, r, ci_g, kh, kw, device=dev, dtype=dt))
+            self.lora_B = nn.Parameter(torch.zeros(e, co, r, device=dev, dtype=dt))
+        self.reset_adapters()
+
+    def reset_adapters(self) -> None:
+        """A kaiming-uniform(a=sqrt 5) per expert, B = 0: a fresh layer computes exactly the base conv."""
+        with torch.no_grad():
+            for a in self.lora_A:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_B.zero_()
+
+    def delta_weights(self, experts: Tensor | None = None) -> Tensor:
+        a, b = self.lora_A, self.lora_B
+        if experts is not None:
+            a, b = a.index_select(0, experts), b.index_select(0, experts)
+        n = a.shape[0]
+        if self.layout == "kernel":
+            return torch.bmm(b, a).view(n, *self.weight.shape)
+        return torch.bmm(b, a.flatten(2)).view(n, *self.weight.shape)
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, padded: bool = False) -> Tensor:
+        c = self.base_layer
+        if c.padding_mode != "zeros" and not padded:
+            x = F.pad(x, c._reversed_padding_repeated_twice, mode=c.padding_mode)
+            return F.conv2d(x, weight, bias, c.stride, 0, c.dilation, groups)
+        return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, groups)
+
+    def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self._conv(x, weight, bias, self.base_layer.groups)
+
+    def _dense_delta(self, x: Tensor, w: Tensor) -> Tensor:
+        """sum_e w_b,e conv(x_b, dW_e) as one low-rank conv, a per-sample scale and one 1x1 conv."""
+        bsz = x.shape[0]
+        e, r = self.num_experts, self.rank
+        co, ci_g, kh, kw = self.weight.shape
+        g = self.base_layer.groups
+        if self.layout == "factorized":
+            z = self._conv(x, self.lora_A.reshape(e * r, ci_g, kh, kw), None, 1)
+            z = (z.view(bsz, e, r, *z.shape[2:]) * w.to(z.dtype).view(bsz, e, 1, 1, 1)).flatten(1, 2)
+            b_all = self.lora_B.permute(1, 0, 2).reshape(co, e * r, 1, 1)
+            return F.conv2d(z, b_all)
+        rk = r * kh
+        if ci_g % kh == 0:
+            # Column block a of the reshaped B@A reads input channels [a*Ci/(g*kh), (a+1)*Ci/(g*kh)) only,
+            # so the A step is a grouped conv with g*kh groups and no wasted (zero) weights.
+            a_grp = self.lora_A.reshape(e * rk, ci_g // kh, kh, kw)
+            z = self._conv(x, a_grp.repeat(g * kh, 1, 1, 1), None, g * kh)
+            z = z.view(bsz, g, kh, e, rk, *z.shape[2:]) * w.to(z.dtype).view(bsz, 1, 1, e, 1, 1, 1)
+            b_all = self.lora_B.view(e, co, kh, rk).permute(1, 2, 0, 3).reshape(co, kh * e * rk, 1, 1)
+        else:
+            # General case: A placed block-diagonally (zeros elsewhere) in a (kh*rk, Ci/g, kh, kw) kernel.
+            eye = torch.eye(kh, device=x.device, dtype=self.lora_A.dtype)
+            a_big = torch.einsum("ab,emc->eambc", eye, self.lora_A).reshape(e * kh * rk, ci_g, kh, kw)
+            z = self._conv(x, a_big.repeat(g, 1, 1, 1), None, g)
+            z = z.view(bsz, g, e, kh, rk, *z.shape[2:]) * w.to(z.dtype).view(bsz, 1, e, 1, 1, 1, 1)
+            b_all = self.lora_B.view(e, co, kh, rk).permute(1, 0, 2, 3).reshape(co, e * kh * rk, 1, 1)
+        return F.conv2d(z.flatten(1, 4), b_all, None, 1, 0, 1, g)

@@ -1,0 +1,68 @@
+"""The interface between the training loop and any loss-weighting, gradient or domain method.
+
+The Trainer calls, once per step, ``method.backward(losses, ctx)`` with the per-task mean losses of the batch
+(tasks absent from the batch are not in the dict) and then steps the optimizer. A method only decides how the
+per-task losses become gradients; it never touches the optimizer, the data or the architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mola.registry import Registry
+
+
+@dataclass
+class StepContext:
+    """What a method may read during one training step."""
+
+    model: nn.Module
+    shared_params: list[nn.Parameter]
+    task_ids: Tensor
+    num_tasks: int
+    features: Tensor | None = None
+    outputs: dict[int, Tensor] = field(default_factory=dict)
+    targets: Any = None
+    extra_loss: Tensor | None = None
+    epoch: int = 0
+    step: int = 0
+
+
+class Method(nn.Module):
+    """Base class. Subclasses override ``combine`` (loss weighting / domain terms) or ``backward`` (gradient
+    methods). A method is an nn.Module so that trainable parts (a domain discriminator) reach the optimizer
+    and its state (DWA's loss history, GradNorm's weights) is checkpointed with the model.
+    """
+
+    #: "losses" (works on the loss values), "grads" (needs per-task gradients of the shared parameters) or
+    #: "rep_grads" (needs per-task gradients of the shared representation, the "-UB" variants).
+    needs = "losses"
+
+    def __init__(self, num_tasks: int, **options: Any) -> None:
+        super().__init__()
+        if options:
+            raise ValueError(f"{type(self).__name__} got unknown options {sorted(options)}")
+        self.num_tasks = num_tasks
+
+    def combine(self, losses: dict[int, Tensor], ctx: StepContext) -> Tensor:
+        """One scalar to back-propagate: the plain sum of the present tasks' losses by default (method.md §6)."""
+        return torch.stack(list(losses.values())).sum()
+
+    def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> dict[str, float]:
+        """Fill ``.grad`` of every trainable parameter; returns numbers worth logging (e.g. task weights)."""
+        total = self.combine(losses, ctx)
+        if ctx.extra_loss is not None:
+            total = total + ctx.extra_loss
+        total.backward()
+        return {}
+
+    def on_epoch_end(self, epoch: int, mean_losses: dict[int, float]) -> None:
+        """Hook for methods that adapt between epochs (DWA)."""
+
+
+WEIGHTINGS: Registry[type[Method]] = Registry("weighting")
+DOMAIN_METHODS: Registry[type[Method]] = Registry("method")
