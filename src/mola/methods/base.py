@@ -18,10 +18,18 @@ from mola.registry import Registry
 
 @dataclass
 class StepContext:
-    """What a method may read during one training step."""
+    """What a method may read during one training step.
+
+    ``shared_params``: parameters every task updates (backbone W0, gates...); ``task_params``: parameters that
+    belong to one task (heads, MoLA adapters) plus everything else trainable (router, lift, method modules).
+    ``features``: the shared representation the heads read (for "-UB" methods), part of the graph.
+    ``outputs`` / ``targets``: per-task predictions and targets of the present tasks, rows aligned.
+    ``extra_loss``: a term added to the objective that is not a task loss (lambda * TwD in router mode).
+    """
 
     model: nn.Module
     shared_params: list[nn.Parameter]
+    task_params: list[nn.Parameter]
     task_ids: Tensor
     num_tasks: int
     features: Tensor | None = None
