@@ -1,0 +1,24 @@
+"""Backbones (registry by name), task heads and multi-task architectures (``model.arch``)."""
+
+from __future__ import annotations
+
+from mola.data.base import Scenario
+from mola.models.backbones import BACKBONES, BackboneConfig, build_backbone
+from mola.models.base import ARCHS, ModelConfig, MultiTaskModel, num_parameters, task_rows
+
+
+def build_model(scenario: Scenario, cfg: ModelConfig) -> MultiTaskModel:
+    """The architecture ``cfg.arch`` over backbone ``cfg.backbone`` for ``scenario``'s tasks and inputs."""
+    import mola.models.archs  # noqa: F401  (registers the built-in architectures)
+
+    dense = any(t.kind != "classification" for t in scenario.tasks)
+    arch = ARCHS.get(cfg.arch)
+
+    def factory():
+        return build_backbone(cfg.backbone, scenario.input_shape, dense)
+
+    return arch(factory, scenario.tasks, scenario.heterogeneity, scenario.shared_head, scenario.input_shape, cfg)
+
+
+__all__ = ["ARCHS", "BACKBONES", "BackboneConfig", "ModelConfig", "MultiTaskModel", "build_backbone",
+           "build_model", "num_parameters", "task_rows"]

@@ -1,0 +1,42 @@
+"""Single-task baseline: one independent network (encoder + head) per task, trained together as one run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from mola.data.base import Heterogeneity, TaskInfo
+from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options, task_rows
+from mola.models.heads import make_head
+
+
+@dataclass
+class SingleTaskOptions:
+    """Single-task has no options."""
+
+
+@ARCHS.register("single_task")
+class SingleTask(MultiTaskModel):
+    """T encoders and T heads; sample rows go only to their task's network, so nothing is shared."""
+
+    Options = SingleTaskOptions
+    task_specific_groups = ("heads", "towers")
+
+    def __init__(self, backbone: BackboneFactory, tasks: list[TaskInfo], heterogeneity: Heterogeneity,
+                 shared_head: bool, input_shape: tuple[int, ...], cfg: ModelConfig) -> None:
+        super().__init__(tasks, heterogeneity, False, input_shape)
+        parse_options(SingleTaskOptions, cfg.options, "single_task")
+        self.towers = nn.ModuleList([backbone() for _ in tasks])
+        dim = self.towers[0].out_dim
+        self.heads = nn.ModuleList([make_head(t, dim, cfg.head_hidden) for t in tasks])
+
+    def forward(self, x: Tensor, task_ids: Tensor) -> dict[int, Tensor]:
+        size = self.out_size(x)
+        if self.single_input:
+            return {t: self.heads[t](self.towers[t](x), size) for t in range(self.num_tasks)}
+        return {t: self.heads[t](self.towers[t](x.index_select(0, rows)), size)
+                for t, rows in task_rows(task_ids, self.num_tasks).items()}
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"towers": list(self.towers.parameters()), "heads": list(self.heads.parameters())}
