@@ -1,0 +1,1 @@
+"""The ``mola`` command line."""

@@ -1,0 +1,120 @@
+"""``mola`` entry point: train, eval, list. Errors in the user's input print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mola import __version__
+
+
+def _run_dir(cfg, out: str | None) -> Path:
+    return Path(out) if out else Path(cfg.out_dir) / cfg.name
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mola.engine import Trainer, format_table, load_config
+
+    cfg = load_config(args.config, args.overrides, arch=args.arch, weighting=args.weighting, method=args.method)
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    run_dir = _run_dir(cfg, args.out)
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.exists() and not args.resume:
+        raise ValueError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
+                         "or --out DIR for a new one")
+    trainer = Trainer(cfg, run_dir)
+    if args.resume and last.exists():
+        trainer.resume()
+        print(f"resuming {run_dir} at epoch {trainer.epoch}", file=sys.stderr)
+    final = trainer.fit()
+    split = "test" if final["test"] else "val"
+    print(f"\n{cfg.name}: {split} metrics of the best-on-val checkpoint (epoch {final['best_epoch']}), "
+          f"run dir {run_dir}")
+    print(format_table(final, split))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mola.config_utils import from_dict
+    from mola.engine import RunConfig, Trainer, format_table
+    from mola.engine.checkpoint import load_checkpoint
+
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        path = path / "checkpoints" / "best.pt"
+    ckpt = load_checkpoint(path)
+    cfg = from_dict(RunConfig, ckpt["config"])
+    cfg.train.progress = False
+    trainer = Trainer(cfg, path.parent.parent)
+    trainer.load_state(ckpt, training=False)
+    splits = ["val", "test"] if args.split == "both" else [args.split]
+    out = {s: trainer.evaluate(s) for s in splits}
+    for s in splits:
+        print(f"{s}:")
+        print(format_table({s: out[s], "val": out[s]}, s))
+    if args.output:
+        Path(args.output).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import mola.data.layouts  # noqa: F401
+    import mola.methods  # noqa: F401
+    import mola.models.archs  # noqa: F401
+    from mola.data.registry import SCENARIOS
+    from mola.engine.config import SHORTHANDS
+    from mola.methods import DOMAIN_METHODS, WEIGHTINGS
+    from mola.models import ARCHS, BACKBONES
+
+    configs = sorted(p.stem for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
+    rows = [
+        ("data kinds (data.kind)", SCENARIOS.names()),
+        ("scenario configs (configs/)", configs),
+        ("archs (--arch)", ARCHS.names()),
+        ("weightings (--weighting)", WEIGHTINGS.names()),
+        ("methods (--method)", sorted(SHORTHANDS) + ["erm"] + DOMAIN_METHODS.names()),
+        ("backbones (model.backbone.name)", BACKBONES.names() + ["timm:<name>"]),
+    ]
+    for title, names in rows:
+        print(f"{title}:\n  " + ", ".join(names))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mola", description="Mixture of Low-rank Adapters on heterogeneous data")
+    p.add_argument("--version", action="version", version=f"mola {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one run from a YAML config and dotted.key=value overrides")
+    t.add_argument("--config", "-c", help="YAML run config")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.epochs=5")
+    t.add_argument("--arch", help="shorthand for model.arch")
+    t.add_argument("--weighting", help="shorthand for train.weighting")
+    t.add_argument("--method", help="mola_grad | mola_router | erm | a domain method (train.method)")
+    t.add_argument("--seed", type=int, help="shorthand for train.seed")
+    t.add_argument("--out", help="run directory (default: out_dir/name)")
+    t.add_argument("--resume", action="store_true", help="continue the run in the run directory")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="evaluate a checkpoint file or a run directory's best checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--split", choices=["val", "test", "both"], default="both")
+    e.add_argument("--output", help="write the metrics as JSON here")
+    e.set_defaults(func=cmd_eval)
+    ls = sub.add_parser("list", help="scenarios, archs, weightings, methods and backbones")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"mola: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

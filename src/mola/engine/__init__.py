@@ -1,0 +1,7 @@
+"""The training engine: run configs, the Trainer (one loop for all methods), losses and checkpoints."""
+
+from mola.engine.config import OptimConfig, RunConfig, TrainConfig, load_config
+from mola.engine.trainer import NonFiniteLossError, Trainer, format_table
+
+__all__ = ["NonFiniteLossError", "OptimConfig", "RunConfig", "TrainConfig", "Trainer", "format_table",
+           "load_config"]

@@ -1,0 +1,29 @@
+"""Per-task losses by task kind: cross-entropy, pixel cross-entropy, masked L1 depth, cosine normals."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mola.data.base import TaskInfo
+
+
+def task_loss(task: TaskInfo, pred: Tensor, target: Tensor) -> Tensor:
+    """Mean loss of one task over its samples (valid pixels only for dense tasks)."""
+    if task.kind in ("classification", "segmentation"):
+        return F.cross_entropy(pred.float(), target.long(), ignore_index=task.ignore_index)
+    if task.kind == "depth":
+        mask = (target != 0).to(pred.dtype)
+        return ((pred - target).abs() * mask).sum() / mask.sum().clamp_min(1)
+    mask = (target.abs().sum(dim=1, keepdim=True) > 0).to(pred.dtype)
+    cos = (F.normalize(pred.float(), dim=1) * F.normalize(target.float(), dim=1)).sum(dim=1, keepdim=True)
+    return ((1 - cos) * mask).sum() / mask.sum().clamp_min(1)
+
+
+def split_targets(tasks: list[TaskInfo], targets: object, rows: dict[int, Tensor] | None) -> dict[int, Tensor]:
+    """Per-task targets aligned with the model's per-task outputs (rows per task, or dict targets)."""
+    if isinstance(targets, dict):
+        return {t: targets[task.name] for t, task in enumerate(tasks)}
+    assert rows is not None and isinstance(targets, torch.Tensor)
+    return {t: targets.index_select(0, r) for t, r in rows.items()}
