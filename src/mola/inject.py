@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -231,7 +232,9 @@ class MoLAModel(nn.Module):
             return
         assert self.router is not None and self.lift is not None
         logits = self.router(x)
-        w = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
+        # softmax in at least float32 (half logits are upcast; float64 must not be downcast)
+        w = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        w = w.to(logits.dtype)
         self.routing.set_weights(w, task_ids)
         self.routing.logits = logits
         self.routing.z = self.lift(logits if self.config.lift_input == "logits" else w)
@@ -329,7 +332,9 @@ class MoLAModel(nn.Module):
             raise ValueError(f"adapter file {path} does not fit this model: missing {missing[:5]}, extra {extra[:5]}")
         for k, t in tensors.items():
             if t.shape != own[k].shape:
-                raise ValueError(f"adapter file {path}: {k} has shape {tuple(t.shape)}, model has {tuple(own[k].shape)}")
+                raise ValueError(
+                    f"adapter file {path}: {k} has shape {tuple(t.shape)}, model has {tuple(own[k].shape)}"
+                )
         with torch.no_grad():
             for k, t in tensors.items():
                 own[k].copy_(t)
@@ -337,7 +342,10 @@ class MoLAModel(nn.Module):
     # -- deployment -----------------------------------------------------------------------------------
     def merge(self, task_id: int) -> nn.Module:
         """A plain copy of the wrapped model with W0 + s*dW_t folded in; this MoLA model is left unchanged."""
-        if not isinstance(task_id, int) or not 0 <= task_id < self.num_experts:
+        if isinstance(task_id, bool) or not isinstance(task_id, (int, np.integer)):
+            raise ValueError(f"task id must be an int, got {type(task_id).__name__}")
+        task_id = int(task_id)
+        if not 0 <= task_id < self.num_experts:
             raise ValueError(f"task id {task_id!r} out of range [0, {self.num_experts})")
         layers = self.mola_layers()
         merged: dict[str, nn.Module] = {}

@@ -1,6 +1,6 @@
 """Shared machinery of MoLA layers: adapter bookkeeping, routing checks and the three compute paths.
 
-A subclass provides ``delta_weights`` (the exact dW_e of method.md §2), ``_apply`` (the wrapped op with a given
+A subclass provides ``delta_weights`` (the exact dW_e of method.md §2), ``_op`` (the wrapped op with a given
 weight) and ``_dense_delta`` (the cheapest exact evaluation of sum_e w_b,e f(x_b; dW_e)).
 """
 
@@ -58,7 +58,7 @@ class MoLALayer(nn.Module):
         """dW_e for the given experts (all if None), shaped (n, *W0.shape), without the scaling s."""
         raise NotImplementedError
 
-    def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
 
     def _dense_delta(self, x: Tensor, w: Tensor) -> Tensor:
@@ -107,19 +107,21 @@ class MoLALayer(nn.Module):
             return self._reference(x, r.mixing())
         if r.dense:
             assert r.weights is not None
-            return self._apply(x, self.weight, self.bias) + self.scaling * self._dense_delta(x, r.weights)
+            return self._op(x, self.weight, self.bias) + self.scaling * self._dense_delta(x, r.weights)
         return self._per_task(x, r)
 
     def _per_task(self, x: Tensor, r: Routing) -> Tensor:
         """One merged weight per task present in the batch, one op per task on its samples."""
         order, inverse, counts = r.groups()
         present = [e for e, c in enumerate(counts) if c > 0]
-        idx = torch.tensor(present, device=self.weight.device)
+        if not present:  # empty batch: nothing to route, the base op gives the right (0, ...) shape
+            return self._op(x, self.weight, self.bias)
+        idx = torch.tensor(present, dtype=torch.long, device=self.weight.device)
         merged = self.weight.unsqueeze(0) + self.scaling * self.delta_weights(idx)
         if len(present) == 1:
-            return self._apply(x, merged[0], self.bias)
+            return self._op(x, merged[0], self.bias)
         chunks = x.index_select(0, order).split(counts)
-        outs = [self._apply(chunks[e], merged[i], self.bias) for i, e in enumerate(present)]
+        outs = [self._op(chunks[e], merged[i], self.bias) for i, e in enumerate(present)]
         return torch.cat(outs).index_select(0, inverse)
 
     def _reference(self, x: Tensor, w: Tensor) -> Tensor:
@@ -128,5 +130,5 @@ class MoLALayer(nn.Module):
         outs = []
         for b in range(x.shape[0]):
             wb = self.weight + self.scaling * (w[b].to(dw.dtype) @ dw).view_as(self.weight)
-            outs.append(self._apply(x[b : b + 1], wb, self.bias))
+            outs.append(self._op(x[b : b + 1], wb, self.bias))
         return torch.cat(outs)

@@ -73,7 +73,7 @@ class MoLAConv2d(MoLALayer):
             return F.conv2d(x, weight, bias, c.stride, 0, c.dilation, groups)
         return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, groups)
 
-    def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return self._conv(x, weight, bias, self.base_layer.groups)
 
     def _dense_delta(self, x: Tensor, w: Tensor) -> Tensor:

@@ -48,7 +48,7 @@ class MoLALinear(MoLALayer):
             a, b = a.index_select(0, experts), b.index_select(0, experts)
         return torch.bmm(b, a)
 
-    def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
     def _dense_delta(self, x: Tensor, w: Tensor) -> Tensor:

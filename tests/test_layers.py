@@ -1,0 +1,263 @@
+"""MoLAConv2d / MoLALinear against a per-sample reference written by hand from method.md §2.
+
+Every numerical check runs in float64 and compares with ``hand_reference``, which rebuilds dW_e from
+``lora_A``/``lora_B`` itself and applies the plain functional op sample by sample.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mola.layers import MoLAConv2d, MoLALinear, Routing
+
+DT = torch.float64
+TOL = {"rtol": 0.0, "atol": 1e-10}
+E = 4
+# Task-id batches for E = 4: task 1 absent and task 3 alone; one task only; one sample; every task present.
+ID_SETS = {
+    "absent_and_alone": [2, 0, 2, 3, 0, 2],
+    "one_task": [1, 1, 1],
+    "single_sample": [3],
+    "all_tasks": [0, 1, 2, 3, 3, 1],
+}
+
+
+# -- independent reference ------------------------------------------------------------------------
+def hand_delta(layer: nn.Module, e: int) -> torch.Tensor:
+    """dW_e exactly as method.md §2 defines it, from the raw adapter tensors."""
+    a = layer.lora_A.detach()[e]
+    b = layer.lora_B.detach()[e]
+    w0 = layer.base_layer.weight
+    if isinstance(layer, MoLALinear):
+        return b @ a
+    if layer.layout == "kernel":
+        # A_e (r*kh, (Ci/g)*kw), B_e (Co*kh, r*kh)
+        return (b @ a).view(w0.shape)
+    # A_e (r, Ci, kh, kw), B_e (Co, r)
+    return (b @ a.flatten(1)).view(w0.shape)
+
+
+def hand_op(base: nn.Module, x_b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if isinstance(base, nn.Linear):
+        return F.linear(x_b, weight, base.bias)
+    padding = base.padding
+    if base.padding_mode != "zeros":
+        ph, pw = base.padding
+        x_b = F.pad(x_b, (pw, pw, ph, ph), mode=base.padding_mode)
+        padding = 0
+    return F.conv2d(x_b, weight, base.bias, base.stride, padding, base.dilation, base.groups)
+
+
+def hand_reference(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y_b = f(x_b; W0 + s * sum_e w_b,e dW_e), s = alpha / r, one sample at a time."""
+    s = layer.alpha / layer.rank
+    w0 = layer.base_layer.weight.detach()
+    deltas = [hand_delta(layer, e) for e in range(layer.num_experts)]
+    outs = []
+    for b in range(x.shape[0]):
+        wb = w0.clone()
+        for e in range(layer.num_experts):
+            wb = wb + s * float(w[b, e]) * deltas[e]
+        outs.append(hand_op(layer.base_layer, x[b : b + 1], wb))
+    return torch.cat(outs)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def make_layer(base: nn.Module, layout: str, compute: str, rank: int = 2, alpha: float = 16.0, seed: int = 0):
+    torch.manual_seed(seed)
+    base = base.to(DT)
+    cls = MoLAConv2d if isinstance(base, nn.Conv2d) else MoLALinear
+    layer = cls(base, E, rank, alpha=alpha, layout=layout, compute=compute, name="probe")
+    with torch.no_grad():
+        layer.lora_B.normal_()  # B = 0 at init; make the adapters non-trivial
+    routing = Routing(num_experts=E)
+    layer.routing = routing
+    return layer, routing
+
+
+def check_paths(layer: nn.Module, routing: Routing, make_x, route: str) -> None:
+    """Run ``layer`` on every ``ID_SETS`` batch (task ids or dense weights); compare with the reference."""
+    gen = torch.Generator().manual_seed(1)
+    for name, ids_list in ID_SETS.items():
+        ids = torch.tensor(ids_list)
+        x = make_x(len(ids_list), gen)
+        if route == "ids":
+            routing.set_task_ids(ids)
+            w = F.one_hot(ids, E).to(DT)
+        elif route == "softmax":
+            w = torch.randn(len(ids_list), E, generator=gen, dtype=DT).softmax(-1)
+            routing.set_weights(w)
+        else:  # arbitrary real mixing weights (negative, not summing to 1)
+            w = torch.randn(len(ids_list), E, generator=gen, dtype=DT)
+            routing.set_weights(w)
+        out = layer(x)
+        ref = hand_reference(layer, x, w)
+        assert out.shape == ref.shape, name
+        torch.testing.assert_close(out, ref, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+        # the adapters really change the output (so the comparison is not vacuous)
+        base_out = hand_op(layer.base_layer, x, layer.base_layer.weight.detach())
+        assert (ref - base_out).abs().max() > 1e-3, name
+
+
+# -- Conv2d ---------------------------------------------------------------------------------------
+# (id, Conv2d kwargs, (H, W)); inputs are non-square everywhere.
+CONV_CASES = [
+    ("stride2_pad_bias", dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1), (9, 7)),
+    ("dilation2", dict(in_channels=4, out_channels=5, kernel_size=3, padding=2, dilation=2, bias=False),
+     (10, 7)),
+    ("ci_div_k", dict(in_channels=6, out_channels=4, kernel_size=3, padding=1), (7, 5)),
+    ("groups_ci_g4_k3", dict(in_channels=8, out_channels=6, kernel_size=3, padding=1, groups=2), (7, 6)),
+    ("groups_ci_g6_k3", dict(in_channels=12, out_channels=8, kernel_size=3, padding=1, groups=2), (6, 8)),
+    ("groups_stride_dil", dict(in_channels=12, out_channels=9, kernel_size=3, stride=2, padding=2,
+                               dilation=2, groups=3), (9, 8)),
+    ("depthwise", dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6), (5, 7)),
+    ("kernel_3x1", dict(in_channels=4, out_channels=6, kernel_size=(3, 1), padding=(1, 0)), (7, 5)),
+    ("kernel_3x1_div", dict(in_channels=6, out_channels=5, kernel_size=(3, 1), stride=(2, 1),
+                            padding=(1, 0)), (8, 5)),
+    ("kernel_1x3", dict(in_channels=4, out_channels=3, kernel_size=(1, 3), padding=(0, 1)), (5, 7)),
+    ("reflect", dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, padding_mode="reflect"),
+     (7, 9)),
+    ("circular_stride", dict(in_channels=6, out_channels=4, kernel_size=3, stride=2, padding=1,
+                             padding_mode="circular"), (8, 6)),
+    ("conv1x1", dict(in_channels=5, out_channels=7, kernel_size=1), (4, 6)),
+    ("conv1x1_stride2", dict(in_channels=5, out_channels=7, kernel_size=1, stride=2, bias=False), (7, 6)),
+]
+
+
+def _conv_params():
+    for cid, kw, hw in CONV_CASES:
+        for layout in ("kernel", "factorized"):
+            if kw.get("groups", 1) > 1 and layout == "factorized":
+                continue
+            if layout == "factorized" and isinstance(kw["kernel_size"], tuple) and cid != "kernel_3x1":
+                continue
+            yield pytest.param(kw, hw, layout, id=f"{cid}-{layout}")
+
+
+ROUTES = [("auto", "ids"), ("auto", "softmax"), ("auto", "signed"), ("reference", "ids"),
+          ("reference", "softmax")]
+
+
+@pytest.mark.parametrize("compute,route", ROUTES, ids=[f"{c}-{r}" for c, r in ROUTES])
+@pytest.mark.parametrize("conv_kw,hw,layout", list(_conv_params()))
+def test_conv_matches_hand_reference(conv_kw, hw, layout, compute, route):
+    layer, routing = make_layer(nn.Conv2d(**conv_kw), layout, compute)
+    cin = conv_kw["in_channels"]
+
+    def make_x(b, gen):
+        return torch.randn(b, cin, *hw, generator=gen, dtype=DT)
+
+    check_paths(layer, routing, make_x, route)
+
+
+def test_conv_non_default_alpha_and_rank():
+    layer, routing = make_layer(nn.Conv2d(6, 4, 3, padding=1, groups=2), "kernel", "auto", rank=3, alpha=3.0)
+    assert layer.lora_A.shape == (E, 3 * 3, 3 * 3)
+    check_paths(layer, routing, lambda b, g: torch.randn(b, 6, 5, 6, generator=g, dtype=DT), "ids")
+    check_paths(layer, routing, lambda b, g: torch.randn(b, 6, 5, 6, generator=g, dtype=DT), "softmax")
+
+
+# -- Linear ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("compute,route", ROUTES, ids=[f"{c}-{r}" for c, r in ROUTES])
+@pytest.mark.parametrize("layout", ["kernel", "factorized"])
+@pytest.mark.parametrize("tokens", [None, 5], ids=["BC", "BLC"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_linear_matches_hand_reference(tokens, layout, compute, route, bias):
+    layer, routing = make_layer(nn.Linear(6, 5, bias=bias), layout, compute, rank=3)
+
+    def make_x(b, gen):
+        shape = (b, 6) if tokens is None else (b, tokens, 6)
+        return torch.randn(*shape, generator=gen, dtype=DT)
+
+    check_paths(layer, routing, make_x, route)
+
+
+# -- shapes, init, layouts ------------------------------------------------------------------------
+def test_adapter_shapes_and_init():
+    conv = MoLAConv2d(nn.Conv2d(8, 6, (3, 2), groups=2), 5, 4, layout="kernel")
+    assert conv.lora_A.shape == (5, 4 * 3, 4 * 2)  # (r*kh, (Ci/g)*kw)
+    assert conv.lora_B.shape == (5, 6 * 3, 4 * 3)  # (Co*kh, r*kh)
+    fac = MoLAConv2d(nn.Conv2d(8, 6, 3), 5, 4, layout="factorized")
+    assert fac.lora_A.shape == (5, 4, 8, 3, 3)
+    assert fac.lora_B.shape == (5, 6, 4)
+    lin = MoLALinear(nn.Linear(7, 3), 5, 2)
+    assert lin.lora_A.shape == (5, 2, 7) and lin.lora_B.shape == (5, 3, 2)
+    for layer in (conv, fac, lin):
+        assert torch.count_nonzero(layer.lora_B) == 0
+        assert torch.count_nonzero(layer.lora_A) == layer.lora_A.numel()
+        assert layer.scaling == 16.0 / layer.rank
+        # A is initialised per expert: no two experts share the same A
+        assert not torch.equal(layer.lora_A[0], layer.lora_A[1])
+
+
+@pytest.mark.parametrize("layout", ["kernel", "factorized"])
+def test_fresh_layer_equals_base_exactly(layout):
+    torch.manual_seed(0)
+    base = nn.Conv2d(4, 6, 3, padding=1)
+    layer = MoLAConv2d(base, 3, 2, layout=layout)
+    routing = Routing(3)
+    layer.routing = routing
+    x = torch.randn(5, 4, 6, 7)
+    routing.set_task_ids(torch.tensor([2, 2, 2, 2, 2]))
+    assert torch.equal(layer(x), base(x))
+    routing.set_weights(torch.rand(5, 3))
+    assert torch.equal(layer(x), base(x))
+
+
+def test_factorized_with_groups_raises_naming_layer():
+    with pytest.raises(ValueError, match=r"'block\.conv'.*groups.*layout='kernel'"):
+        MoLAConv2d(nn.Conv2d(8, 6, 3, groups=2), 3, 2, layout="factorized", name="block.conv")
+
+
+def test_layer_moves_with_to_and_double():
+    layer = MoLAConv2d(nn.Conv2d(3, 4, 3), 2, 2)
+    layer.double()
+    assert layer.lora_A.dtype == DT and layer.lora_B.dtype == DT and layer.weight.dtype == DT
+    lin = MoLALinear(nn.Linear(3, 4), 2, 2).to(DT)
+    assert lin.lora_A.dtype == DT and lin.base_layer.bias.dtype == DT
+
+
+def test_empty_batch_in_both_modes():
+    layer, routing = make_layer(nn.Conv2d(4, 6, 3, padding=1), "kernel", "auto")
+    x = torch.zeros(0, 4, 5, 5, dtype=DT)
+    routing.set_task_ids(torch.zeros(0, dtype=torch.long))
+    assert layer(x).shape == (0, 6, 5, 5)
+    routing.set_weights(torch.zeros(0, E, dtype=DT))
+    assert layer(x).shape == (0, 6, 5, 5)
+
+
+def test_merged_weight_is_w0_plus_scaled_delta():
+    layer, _ = make_layer(nn.Conv2d(6, 4, 3, groups=2), "kernel", "auto")
+    for e in range(E):
+        ref = layer.base_layer.weight + (16.0 / 2) * hand_delta(layer, e)
+        torch.testing.assert_close(layer.merged_weight(e), ref, **TOL)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+def test_layer_argument_errors():
+    with pytest.raises(ValueError, match="num_experts"):
+        MoLAConv2d(nn.Conv2d(3, 4, 3), 0, 2)
+    with pytest.raises(ValueError, match="rank"):
+        MoLALinear(nn.Linear(3, 4), 2, 0)
+    with pytest.raises(ValueError, match="layout"):
+        MoLALinear(nn.Linear(3, 4), 2, 2, layout="diagonal")
+    with pytest.raises(ValueError, match="compute"):
+        MoLALinear(nn.Linear(3, 4), 2, 2, compute="fast")
+    with pytest.raises(ValueError, match="wraps nn.Conv2d"):
+        MoLAConv2d(nn.Linear(3, 4), 2, 2)
+    with pytest.raises(ValueError, match="wraps nn.Linear"):
+        MoLALinear(nn.Conv2d(3, 4, 1), 2, 2)
+
+
+def test_layer_routing_errors():
+    layer = MoLALinear(nn.Linear(3, 4), 2, 2, name="head.fc")
+    with pytest.raises(RuntimeError, match="head.fc"):
+        layer(torch.randn(2, 3))
+    routing = Routing(2)
+    layer.routing = routing
+    routing.set_task_ids(torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match="batch of 2 samples"):
+        layer(torch.randn(2, 3))
