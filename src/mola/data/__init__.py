@@ -2,7 +2,10 @@
 
 from mola.data.base import ALL_TASKS, ArrayTaskDataset, Scenario, TaskDataset, TaskInfo
 from mola.data.config import DataConfig
+from mola.data.layouts._common import ArrayMultiTargetDataset, ImageFileDataset
+from mola.data.loaders import BalancedBatchSampler, EpochRandomSampler, make_loaders, set_loader_epoch
 from mola.data.registry import SCENARIOS, build_scenario
 
-__all__ = ["ALL_TASKS", "ArrayTaskDataset", "DataConfig", "SCENARIOS", "Scenario", "TaskDataset", "TaskInfo",
-           "build_scenario"]
+__all__ = ["ALL_TASKS", "ArrayMultiTargetDataset", "ArrayTaskDataset", "BalancedBatchSampler", "DataConfig",
+           "EpochRandomSampler", "ImageFileDataset", "SCENARIOS", "Scenario", "TaskDataset", "TaskInfo",
+           "build_scenario", "make_loaders", "set_loader_epoch"]

@@ -1,0 +1,194 @@
+"""``digits``: handwritten-digit domains sharing the 10 classes 0..9 (domain heterogeneity).
+
+Files under ``cfg.root`` (the shipped ``digits/`` folder):
+
+- ``mnist``: train = ``mnist_5k/mnist_5k.csv.gz`` (5000 rows: 784 pixels 0..255, label last, no header),
+  test = ``mnist_test/t10k-{images-idx3,labels-idx1}-ubyte.gz`` (IDX, official MNIST test set);
+- ``usps``: ``usps/usps.h5`` (``train|test/data`` (N, 256) in [0, 1], ``train|test/target``), 16x16 upsampled
+  bilinearly to 28x28; official train/test split.
+
+Val is carved from each domain's train split (seeded, stratified, ``cfg.val_fraction``). Pixels are scaled to
+[0, 1], then standardised with one mean/std pooled over the selected train splits (in ``Scenario.extra``).
+``cfg.max_per_task`` / ``cfg.max_eval_per_task`` cap train / val+test per domain; ``cfg.image_size`` resizes
+lazily per item; ``cfg.channels=3`` replicates the gray channel.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
+from mola.data.config import DataConfig
+from mola.data.layouts._common import (
+    cap,
+    concat_task_ids,
+    name_seed,
+    require_dir,
+    require_file,
+    resolve_root,
+    select_names,
+    stratified_split,
+    tree,
+)
+from mola.data.registry import SCENARIOS
+from mola.data.transforms import ResizeTensor, resize_tensor, to_channels
+
+LAYOUT = tree(
+    "<root>/",
+    "  mnist_5k/mnist_5k.csv.gz",
+    "  mnist_test/t10k-images-idx3-ubyte.gz  t10k-labels-idx1-ubyte.gz",
+    "  usps/usps.h5                          train/{data,target}  test/{data,target}",
+)
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a uint8 array; bad magic/size/gzip is a ValueError."""
+    require_file(path, "IDX file")
+    try:
+        with _open(path) as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise ValueError(f"cannot read IDX file {str(path)!r}: {e}") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"IDX file {str(path)!r}: bad magic number (expected unsigned-byte IDX)")
+    ndim = raw[3]
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise ValueError(f"IDX file {str(path)!r} is truncated (header)")
+    shape = struct.unpack(f">{ndim}I", raw[4:head])
+    n = int(np.prod(shape))
+    if len(raw) - head != n:
+        raise ValueError(
+            f"IDX file {str(path)!r}: {len(raw) - head} data bytes, header shape {shape} needs {n}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(shape).copy()
+
+
+def read_idx_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 28, 28) uint8 images and (N,) int64 labels from an IDX image/label file pair."""
+    x, y = read_idx(images), read_idx(labels).astype(np.int64)
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise ValueError(f"IDX pair {str(images)!r} {x.shape} / {str(labels)!r} {y.shape} do not match")
+    return x, y
+
+
+def read_digit_csv(path: Path, side: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """(N, side, side) uint8 images and (N,) labels from a csv(.gz): side*side pixels, then the label."""
+    require_file(path, "csv file")
+    try:
+        with _open(path) as f:
+            a = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, ValueError, gzip.BadGzipFile) as e:
+        raise ValueError(f"cannot read csv file {str(path)!r}: {e}") from e
+    if a.shape[1] != side * side + 1:
+        raise ValueError(f"csv file {str(path)!r}: expected {side * side + 1} columns, got {a.shape[1]}")
+    return a[:, :-1].clip(0, 255).astype(np.uint8).reshape(-1, side, side), a[:, -1]
+
+
+def read_usps(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 16, 16) float32 images in [0, 1] and (N,) labels from the Kaggle ``usps.h5`` layout."""
+    import h5py
+
+    require_file(path, "HDF5 file")
+    try:
+        with h5py.File(path, "r") as h:
+            if split not in h or "data" not in h[split] or "target" not in h[split]:
+                raise ValueError(f"HDF5 file {str(path)!r} has no {split}/data and {split}/target")
+            x = np.asarray(h[split]["data"], dtype=np.float32)
+            y = np.asarray(h[split]["target"]).astype(np.int64).reshape(-1)
+    except OSError as e:
+        raise ValueError(f"cannot read HDF5 file {str(path)!r}: {e}") from e
+    if x.ndim != 2 or x.shape[1] != 256 or len(x) != len(y):
+        raise ValueError(f"HDF5 file {str(path)!r}: {split}/data {x.shape} is not (N, 256) matching target")
+    return x.reshape(-1, 16, 16), y
+
+
+def _as_unit(x: np.ndarray) -> Tensor:
+    """(N, H, W) uint8 or [0,1] float -> (N, 1, H, W) float32 in [0, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    return t.unsqueeze(1)
+
+
+def load_mnist(root: Path) -> dict[str, tuple[Tensor, np.ndarray]]:
+    """MNIST domain: mnist_5k csv as train, t10k IDX as test; images (N, 1, 28, 28) in [0, 1]."""
+    xtr, ytr = read_digit_csv(root / "mnist_5k" / "mnist_5k.csv.gz")
+    xte, yte = read_idx_pair(root / "mnist_test" / "t10k-images-idx3-ubyte.gz",
+                             root / "mnist_test" / "t10k-labels-idx1-ubyte.gz")
+    return {"train": (_as_unit(xtr), ytr), "test": (_as_unit(xte), yte)}
+
+
+def load_usps(root: Path) -> dict[str, tuple[Tensor, np.ndarray]]:
+    """USPS domain: official train/test, 16x16 upsampled to (N, 1, 28, 28) in [0, 1]."""
+    out = {}
+    for s in ("train", "test"):
+        x, y = read_usps(root / "usps" / "usps.h5", s)
+        out[s] = (resize_tensor(_as_unit(x), 28).clamp_(0, 1), y)
+    return out
+
+
+DOMAIN_LOADERS: dict[str, Callable[[Path], dict[str, tuple[Tensor, np.ndarray]]]] = {
+    "mnist": load_mnist, "usps": load_usps,
+}
+
+
+@SCENARIOS.register("digits")
+def build_digits(cfg: DataConfig) -> Scenario:
+    """MNIST / USPS digit domains -> a domain-heterogeneity Scenario of (1, 28, 28) images."""
+    root = resolve_root(cfg.root)
+    require_dir(root, LAYOUT)
+    domains = select_names(cfg.domains, list(DOMAIN_LOADERS), "digits domain", root)
+    parts: dict[str, list[tuple[Tensor, np.ndarray]]] = {"train": [], "val": [], "test": []}
+    for d in domains:
+        data = DOMAIN_LOADERS[d](root)
+        for s, (_, y) in data.items():
+            if len(y) and (y.min() < 0 or y.max() > 9):
+                raise ValueError(f"digits domain {d!r} {s}: labels must be 0..9, got {y.min()}..{y.max()}")
+        rng = name_seed(cfg.split_seed, d)
+        xtr, ytr = data["train"]
+        tr, va, _ = stratified_split(ytr, cfg.val_fraction, 0.0, rng)
+        tr, va = cap(tr, cfg.max_per_task, rng), cap(va, cfg.max_eval_per_task, rng)
+        xte, yte = data["test"]
+        te = cap(np.arange(len(yte)), cfg.max_eval_per_task, rng)
+        parts["train"].append((xtr[tr], ytr[tr]))
+        parts["val"].append((xtr[va], ytr[va]))
+        parts["test"].append((xte[te], yte[te]))
+
+    train_x = torch.cat([p[0] for p in parts["train"]])
+    mean, std = float(train_x.mean()), float(train_x.std().clamp_min(1e-6))
+    channels = cfg.channels or 1
+    size = cfg.image_size or 28
+    ds = {}
+    for s, blocks in parts.items():
+        x = to_channels((torch.cat([b[0] for b in blocks]) - mean) / std, channels)
+        y = torch.from_numpy(np.concatenate([b[1] for b in blocks]))
+        tf = ResizeTensor(size) if size != 28 else None
+        ds[s] = ArrayTaskDataset(x, y, concat_task_ids([len(b[1]) for b in blocks]), transform=tf)
+    return Scenario(
+        name="digits",
+        heterogeneity="domain",
+        tasks=[TaskInfo(d, "classification", 10) for d in domains],
+        train=ds["train"],
+        val=ds["val"],
+        test=ds["test"],
+        input_shape=(channels, size, size),
+        shared_head=True,
+        notes=(
+            "Digit domains: mnist (train = mnist_5k csv, test = official t10k), usps (official split, "
+            f"16x16 -> 28x28 bilinear). Val = {cfg.val_fraction} of each train split (seeded, stratified, "
+            f"seed {cfg.split_seed}). Pixels in [0,1] standardised with pooled train mean {mean:.4f} / "
+            f"std {std:.4f}."
+        ),
+        extra={"mean": mean, "std": std, "root": str(root)},
+    )

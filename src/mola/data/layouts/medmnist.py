@@ -1,0 +1,236 @@
+"""``medmnist``: MedMNIST 2D ``.npz`` files, one task each (multi-input task heterogeneity).
+
+Each ``<stem>.npz`` under ``cfg.root`` holds ``{train,val,test}_{images,labels}`` (images (N,28,28) gray or
+(N,28,28,3) RGB uint8; labels (N,1) or (N,)). A sub-folder with ``<split>_images.npy`` and
+``<split>_labels.npy`` files is a task too; when it lacks some splits' images (e.g. the shipped
+``dermamnist_val_only/``: val images only), the available image splits are pooled and re-split (seeded,
+stratified) into train/val/test.
+
+Tasks: ``cfg.tasks`` (file stems or short names) or every npz / folder found, sorted. Short task names are the
+stem up to ``mnist`` (``retinamnist`` -> ``retina``, ``pneumoniamnist_kaggle_variant`` -> ``pneumonia``).
+num_classes comes from the official MedMNIST table when the stem starts with a known name, else max label + 1.
+Pixels are scaled to [0, 1] and normalised with mean 0.5 / std 0.5 (MedMNIST's own convention); all tasks get
+``cfg.channels`` channels (default: the max over tasks; gray replicated, RGB -> luminance for 1).
+``cfg.image_size`` resizes lazily per item (data stays 28x28 in memory).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
+from mola.data.config import DataConfig
+from mola.data.layouts._common import (
+    cap_splits,
+    concat_task_ids,
+    name_seed,
+    require_dir,
+    resolve_root,
+    stratified_split,
+    tree,
+)
+from mola.data.registry import SCENARIOS
+from mola.data.transforms import ResizeTensor, to_channels
+
+SPLITS = ("train", "val", "test")
+KNOWN_CLASSES = {
+    "pathmnist": 9, "dermamnist": 7, "octmnist": 4, "pneumoniamnist": 2, "retinamnist": 5, "breastmnist": 2,
+    "bloodmnist": 8, "tissuemnist": 8, "organamnist": 11, "organcmnist": 11, "organsmnist": 11,
+}
+MULTI_LABEL = ("chestmnist",)
+LAYOUT = tree(
+    "<root>/",
+    "  <name>mnist.npz          keys train_images train_labels val_images val_labels test_images test_labels",
+    "  <name>mnist_xyz/         a folder of <split>_images.npy + <split>_labels.npy (missing image splits",
+    "                           are made by re-splitting the available ones)",
+)
+
+
+def short_name(stem: str) -> str:
+    """``retinamnist`` -> ``retina``; stems without ``mnist`` are kept."""
+    i = stem.lower().find("mnist")
+    return stem[:i] if i > 0 else stem
+
+
+def _labels(y: np.ndarray, where: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] > 1:
+        raise ValueError(f"{where}: labels {y.shape} are multi-label; medmnist tasks must be multi-class")
+    return y.reshape(-1).astype(np.int64)
+
+
+def _images(x: np.ndarray, where: str) -> Tensor:
+    """(N,H,W) or (N,H,W,C) uint8 -> (N,C,H,W) float32 normalised to [-1, 1]."""
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"{where}: images must be (N,H,W) or (N,H,W,3), got {x.shape}")
+    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float()
+    if x.dtype == np.uint8:
+        t = t / 255.0
+    return (t - 0.5) / 0.5
+
+
+def read_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """split -> (images, labels) from one MedMNIST npz; a corrupt file or missing key is a ValueError."""
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"cannot read npz file {str(path)!r}: {e}") from e
+    out = {}
+    with f:
+        if not hasattr(f, "files"):
+            raise ValueError(f"{str(path)!r} is a single array, not an npz archive of images/labels")
+        for s in SPLITS:
+            arrs = []
+            for k in (f"{s}_images", f"{s}_labels"):
+                if k not in f.files:
+                    raise ValueError(
+                        f"npz file {str(path)!r} has no key {k!r} (split {s!r} missing; keys: {f.files})"
+                    )
+                try:
+                    arrs.append(f[k])
+                except Exception as e:  # zlib.error, BadZipFile, ValueError, EOFError...
+                    raise ValueError(f"cannot read key {k!r} of npz file {str(path)!r}: {e}") from e
+            out[s] = (arrs[0], arrs[1])
+    return out
+
+
+def read_npy_folder(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """split -> (images, labels) for the splits whose images exist in a folder of .npy files."""
+    found = {}
+    for s in SPLITS:
+        ip, lp = path / f"{s}_images.npy", path / f"{s}_labels.npy"
+        if not ip.is_file():
+            continue
+        if not lp.is_file():
+            raise ValueError(f"{str(ip)!r} has no matching labels file {str(lp)!r}")
+        arrs = []
+        for p in (ip, lp):
+            try:
+                arrs.append(np.load(p, allow_pickle=False))
+            except (OSError, ValueError, EOFError) as e:
+                raise ValueError(f"cannot read npy file {str(p)!r}: {e}") from e
+        found[s] = (arrs[0], arrs[1])
+    if not found:
+        raise ValueError(
+            f"task folder {str(path)!r} has no <split>_images.npy file; expected layout:\n{LAYOUT}"
+        )
+    return found, list(found)
+
+
+def discover(root: Path) -> dict[str, Path]:
+    """stem -> path of every task (npz file or npy folder) in ``root``."""
+    tasks = {p.stem: p for p in root.glob("*.npz") if p.is_file()}
+    for d in root.iterdir():
+        if d.is_dir() and not d.name.startswith(".") and any(d.glob("*_images.npy")):
+            tasks[d.name] = d
+    return dict(sorted(tasks.items()))
+
+
+def _resolve_tasks(requested: list[str] | None, found: dict[str, Path], root: Path) -> list[str]:
+    if not found:
+        raise FileNotFoundError(
+            f"no MedMNIST .npz file or task folder in {str(root)!r}; expected layout:\n{LAYOUT}"
+        )
+    if requested is None:
+        return list(found)
+    stems = []
+    for t in requested:
+        if t in found:
+            stems.append(t)
+            continue
+        match = [s for s in found if short_name(s) == t]
+        if len(match) != 1:
+            raise ValueError(
+                f"unknown medmnist task {t!r} in {str(root)!r}; available: "
+                + ", ".join(f"{s} ({short_name(s)})" for s in found)
+            )
+        stems.append(match[0])
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"duplicate medmnist tasks in {requested}")
+    return stems
+
+
+@SCENARIOS.register("medmnist")
+def build_medmnist(cfg: DataConfig) -> Scenario:
+    """MedMNIST npz files / npy folders -> a multi-input Scenario, one task (and head) per file."""
+    root = resolve_root(cfg.root)
+    require_dir(root, LAYOUT)
+    found = discover(root)
+    stems = _resolve_tasks(cfg.tasks, found, root)
+    names = [short_name(s) for s in stems]
+    if len(set(names)) != len(names):
+        names = stems
+
+    per_task: dict[str, dict[str, tuple[Tensor, np.ndarray]]] = {}
+    infos: list[TaskInfo] = []
+    notes: list[str] = []
+    for stem, name in zip(stems, names, strict=True):
+        path = found[stem]
+        rng = name_seed(cfg.split_seed, stem)
+        if path.is_dir():
+            raw, have = read_npy_folder(path)
+        else:
+            raw, have = read_npz(path), list(SPLITS)
+        data = {}
+        for s, (x, y) in raw.items():
+            where = f"{str(path)!r} split {s!r}"
+            xi, yi = _images(x, where), _labels(y, where)
+            if len(xi) != len(yi):
+                raise ValueError(f"{where}: {len(xi)} images but {len(yi)} labels")
+            data[s] = (xi, yi)
+        if stem in MULTI_LABEL:
+            raise ValueError(f"{str(path)!r}: {stem} is multi-label; not supported as a multi-class task")
+        if len(have) < len(SPLITS):
+            xs = torch.cat([data[s][0] for s in have])
+            ys = np.concatenate([data[s][1] for s in have])
+            tr, va, te = stratified_split(ys, cfg.val_fraction, cfg.test_fraction, rng)
+            data = {"train": (xs[tr], ys[tr]), "val": (xs[va], ys[va]), "test": (xs[te], ys[te])}
+            notes.append(
+                f"{name}: only {'/'.join(have)} images exist in {path.name}/; their {len(ys)} images were "
+                f"re-split (seeded, stratified) into train/val/test {len(tr)}/{len(va)}/{len(te)}"
+            )
+        idx = cap_splits({s: np.arange(len(data[s][1])) for s in SPLITS}, cfg, rng)
+        data = {s: (data[s][0][idx[s]], data[s][1][idx[s]]) for s in SPLITS}
+        ymax = max((int(data[s][1].max()) for s in SPLITS if len(data[s][1])), default=0)
+        known = next((n for k, n in KNOWN_CLASSES.items() if stem.lower().startswith(k)), None)
+        ncls = known if known is not None else ymax + 1
+        if ymax >= ncls or min((int(data[s][1].min()) for s in SPLITS if len(data[s][1])), default=0) < 0:
+            raise ValueError(f"{str(path)!r}: labels outside 0..{ncls - 1}")
+        per_task[stem] = data
+        infos.append(TaskInfo(name, "classification", ncls))
+
+    channels = cfg.channels or max(per_task[s]["train"][0].shape[1] for s in stems)
+    hw = tuple(per_task[stems[0]]["train"][0].shape[-2:])
+    for s in stems:
+        if tuple(per_task[s]["train"][0].shape[-2:]) != hw:
+            raise ValueError(f"medmnist tasks have different image sizes: {stems[0]} {hw}, {s} "
+                             f"{tuple(per_task[s]['train'][0].shape[-2:])} (use files of one resolution)")
+    size = cfg.image_size or hw[0]
+    tf = ResizeTensor(size) if (size, size) != hw else None
+    ds = {}
+    for split in SPLITS:
+        xs = torch.cat([to_channels(per_task[s][split][0], channels) for s in stems])
+        ys = torch.from_numpy(np.concatenate([per_task[s][split][1] for s in stems]))
+        ds[split] = ArrayTaskDataset(xs, ys, concat_task_ids([len(per_task[s][split][1]) for s in stems]), tf)
+    return Scenario(
+        name="medmnist",
+        heterogeneity="multi_input",
+        tasks=infos,
+        train=ds["train"],
+        val=ds["val"],
+        test=ds["test"],
+        input_shape=(channels, size, size),
+        shared_head=False,
+        notes="; ".join(
+            [f"MedMNIST tasks from {str(root)!r}: {', '.join(stems)}; pixels /255 then (x-0.5)/0.5; "
+             f"{channels} channel(s)"] + notes
+        ),
+        extra={"files": {n: str(found[s]) for n, s in zip(names, stems, strict=True)}, "root": str(root)},
+    )

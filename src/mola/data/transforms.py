@@ -1,0 +1,109 @@
+"""Input transforms shared by the layouts: PIL image -> normalised tensor, tensor resize and channel changes.
+
+Every transform is a small picklable class (not a lambda), so DataLoader workers can use any start method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GRAY_MEAN = (0.5,)
+GRAY_STD = (0.5,)
+LUMA = (0.299, 0.587, 0.114)
+
+
+def to_channels(x: Tensor, channels: int) -> Tensor:
+    """Convert (..., C, H, W) between 1 and 3 channels: gray is replicated, RGB becomes luminance."""
+    c = x.shape[-3]
+    if c == channels:
+        return x
+    if c == 1 and channels == 3:
+        return x.expand(*x.shape[:-3], 3, *x.shape[-2:]).contiguous()
+    if c == 3 and channels == 1:
+        w = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        return (x * w).sum(dim=-3, keepdim=True)
+    raise ValueError(f"cannot convert {c} channels to {channels} (accepted: 1 <-> 3)")
+
+
+def resize_tensor(x: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Bilinearly resize a (C, H, W) or (N, C, H, W) float tensor to ``size`` (antialiased when shrinking)."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(x.shape[-2:]) == hw:
+        return x
+    batched = x.dim() == 4
+    y = x if batched else x.unsqueeze(0)
+    shrink = hw[0] < y.shape[-2] or hw[1] < y.shape[-1]
+    y = F.interpolate(y, size=hw, mode="bilinear", align_corners=False, antialias=shrink)
+    return y if batched else y[0]
+
+
+class ResizeTensor:
+    """Picklable per-item transform: resize a (C, H, W) tensor to ``size`` x ``size``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return resize_tensor(x, self.size)
+
+    def __repr__(self) -> str:
+        return f"ResizeTensor({self.size})"
+
+
+def normalize_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std used for image files: ImageNet statistics for 3 channels, 0.5/0.5 for 1 channel."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (GRAY_MEAN * channels, GRAY_STD * channels)
+
+
+class ImageFileTransform:
+    """Open an image file lazily and turn it into a normalised (C, size, size) float tensor.
+
+    Eval: resize to ``size`` x ``size``. Train with ``augment``: DomainBed-style random resized crop (scale
+    0.7..1), horizontal flip, colour jitter and 10 % grayscale. Then ToTensor and mean/std normalisation.
+    ``gray=True`` reads every image as grayscale first (replicated when ``channels`` is 3).
+    """
+
+    def __init__(self, size: int, channels: int = 3, augment: bool = False, gray: bool = False) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.size, self.channels, self.augment, self.gray = size, channels, augment, gray
+        mean, std = normalize_stats(channels)
+        if augment:
+            ops: list = [
+                T.RandomResizedCrop(size, scale=(0.7, 1.0)),
+                T.RandomHorizontalFlip(),
+                T.ColorJitter(0.3, 0.3, 0.3, 0.3 if channels == 3 and not gray else 0.0),
+            ]
+            if channels == 3 and not gray:
+                ops.append(T.RandomGrayscale(0.1))
+        else:
+            ops = [T.Resize((size, size))]
+        self.pipeline = T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])
+
+    def load(self, path: str | Path) -> Image.Image:
+        """Read ``path`` into an RGB (or L) PIL image; any decoding failure is a ValueError naming it."""
+        try:
+            with Image.open(path) as im:
+                im.load()
+                if self.gray or self.channels == 1:
+                    im = im.convert("L")
+                return im.convert("RGB" if self.channels == 3 else "L")
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            raise ValueError(f"cannot read image file {str(path)!r}: {e}") from e
+
+    def __call__(self, path: str | Path) -> Tensor:
+        return self.pipeline(self.load(path))
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageFileTransform(size={self.size}, channels={self.channels}, augment={self.augment}, "
+            f"gray={self.gray})"
+        )
