@@ -15,7 +15,7 @@ def _unknown_key(cls: type, key: str, where: str) -> ValueError:
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return ValueError(f"unknown config key {where}{key!r}.{hint} Valid keys: {', '.join(names)}")
+    return ValueError(f"unknown config key {where + key!r}.{hint} Valid keys: {', '.join(names)}")
 
 
 def _is_dataclass_type(tp: Any) -> bool:

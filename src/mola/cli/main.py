@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     ls = sub.add_parser("list", help="scenarios, archs, weightings, methods and backbones")
     ls.set_defaults(func=cmd_list)
+    from mola.cli import analyze, report, sweep
+    for mod in (analyze, sweep, report):
+        mod.add_parser(sub)
     return p
 
 

@@ -41,6 +41,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def validate_names(cfg: RunConfig) -> None:
+    """Fail fast, before any data is read, on an unknown data kind, arch, backbone, weighting or method."""
+    import mola.data.layouts  # noqa: F401
+    import mola.models.archs  # noqa: F401
+    from mola.data.registry import SCENARIOS
+    from mola.methods import DOMAIN_METHODS, WEIGHTINGS
+    from mola.models import ARCHS, BACKBONES
+
+    SCENARIOS.get(cfg.data.kind)
+    ARCHS.get(cfg.model.arch)
+    if not cfg.model.backbone.name.startswith("timm:"):
+        BACKBONES.get(cfg.model.backbone.name)
+    WEIGHTINGS.get(cfg.train.weighting)
+    if cfg.train.method != "erm":
+        DOMAIN_METHODS.get(cfg.train.method)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,7 +66,7 @@ def resolve_device(name: str) -> torch.device:
 
 def build_optimizer(cfg: RunConfig, params: list[nn.Parameter], heterogeneity: str,
                     steps_total: int) -> tuple[torch.optim.Optimizer, Any]:
-    """Per-scenario defaults (method.md §11): domain AdamW 1e-4; multi-input SGD 0.05 + cosine; single-input Adam 1e-4."""
+    """Per-scenario defaults (method.md §11): domain AdamW 1e-4, multi-input SGD 0.05 + cosine, single-input Adam."""
     o = cfg.optim
     defaults = {"domain": ("adamw", 1e-4, 1e-2, "none"), "multi_input": ("sgd", 0.05, 1e-4, "cosine"),
                 "single_input": ("adam", 1e-4, 0.0, "none")}[heterogeneity]
@@ -90,6 +107,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, scenario: Scenario | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        validate_names(cfg)
         self.device = resolve_device(cfg.train.device)
         seed_everything(cfg.train.seed)
         self.scenario = scenario or build_scenario(cfg.data)
@@ -329,7 +347,8 @@ class Trainer:
             "seconds_per_epoch": float(np.mean([r["seconds"] for r in self.history])) if self.history else None,
             "parameters": num_parameters(self.model),
             "scenario": self.scenario.summary(),
-            "arch": self.cfg.model.arch, "mode": self.cfg.model.mola.mode if self.cfg.model.arch == "mola" else None,
+            "arch": self.cfg.model.arch,
+            "mode": self.cfg.model.mola.mode if self.cfg.model.arch == "mola" else None,
             "weighting": self.cfg.train.weighting, "method": self.cfg.train.method, "seed": self.cfg.train.seed,
         }
         if self.cfg.train.single_task_results and test:

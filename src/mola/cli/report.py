@@ -1,0 +1,33 @@
+"""``mola report RUN_DIR...``: one table over many runs (mean +/- std over seeds), as Markdown, CSV and PNG."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mola.analysis.report import to_markdown, write_report
+
+    table, files = write_report(args.run_dirs, args.out, split=args.split, metric=args.metric,
+                                checkpoint=args.checkpoint)
+    print(to_markdown(table))
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``mola report``."""
+    p = subparsers.add_parser(
+        "report", help="table of many runs: rows = arch/mode/weighting/method/override, mean +/- std over seeds",
+        description="Group finished runs (final.json) into method rows and write report.md, report.csv and "
+                    "report.png. A folder of runs (e.g. a sweep's out_dir) is expanded. Delta_m is added when a "
+                    "single_task row is present.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories or folders of runs")
+    p.add_argument("--out", default="report", help="output folder (default ./report)")
+    p.add_argument("--split", choices=["val", "test"], default="test", help="which split's scores to tabulate")
+    p.add_argument("--metric", default="acc",
+                   help="metric per task (default acc); tasks without it use their primary metric")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help="scores of the best-on-val checkpoint or of the last epoch")
+    p.set_defaults(func=cmd_report)
