@@ -341,8 +341,11 @@ class Trainer:
             "val": val, "test": test,
             "mean": {"val": mean_over_tasks(val), "test": mean_over_tasks(test) if test else {}},
             "best_epoch": self.best_epoch,
-            "last": {"val": last_val, "test": last_test, "mean": {"val": mean_over_tasks(last_val),
-                                                                 "test": mean_over_tasks(last_test) if last_test else {}}},
+            "last": {
+                "val": last_val,
+                "test": last_test,
+                "mean": {"val": mean_over_tasks(last_val), "test": mean_over_tasks(last_test) if last_test else {}},
+            },
             "epochs": self.epoch,
             "seconds_per_epoch": float(np.mean([r["seconds"] for r in self.history])) if self.history else None,
             "parameters": num_parameters(self.model),
