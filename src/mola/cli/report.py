@@ -10,7 +10,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from mola.analysis.report import to_markdown, write_report
 
     table, files = write_report(args.run_dirs, args.out, split=args.split, metric=args.metric,
-                                checkpoint=args.checkpoint)
+                                checkpoint=args.checkpoint, delta_metrics=args.delta_metrics)
     print(to_markdown(table))
     print("wrote " + ", ".join(str(p) for p in files.values()))
     return 0
@@ -30,4 +30,6 @@ def add_parser(subparsers: Any) -> None:
                    help="metric per task (default acc); tasks without it use their primary metric")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
                    help="scores of the best-on-val checkpoint or of the last epoch")
+    p.add_argument("--delta-metrics", choices=["primary", "all"], default="primary",
+                   help="Delta_m over each task's shown metric (as final.json) or over all its metrics (NYUv2 style)")
     p.set_defaults(func=cmd_report)

@@ -1,0 +1,174 @@
+"""Router analyses (method.md §4, §10, paper Fig. 6): mean mixing weights per task, codes z, and how well the
+task can be read back from z (nearest task centroid accuracy, silhouette score, 2-D PCA projection).
+
+Codes are L2-normalised before any distance is taken (u = z / ||z||, as the TwD loss sees them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mola.analysis.spectra import find_mola_model
+
+
+def _router_model(model: nn.Module) -> Any:
+    enc = find_mola_model(model)
+    if enc is None or enc.config.mode != "router" or enc.router is None:
+        raise ValueError("routing analysis needs a MoLA-Router model (model.mola.mode=router)")
+    return enc
+
+
+@torch.no_grad()
+def collect_codes(model: nn.Module, loader: Iterable[Any], device: torch.device | str | None = None,
+                  max_samples: int | None = None) -> dict[str, np.ndarray]:
+    """Run only router + lift over ``loader`` ((x, target, task_id) batches): weights (N, E), z (N, d), tasks (N,)."""
+    enc = _router_model(model)
+    if device is None:
+        device = next(enc.router.parameters()).device
+    was_training = model.training
+    model.eval()
+    ws, zs, ts = [], [], []
+    n = 0
+    try:
+        for batch in loader:
+            x, t = batch[0], batch[-1]
+            if not isinstance(x, Tensor):
+                raise ValueError(f"routing analysis expects tensor inputs, got {type(x).__name__}")
+            enc.set_routing(x.to(device))
+            r = enc.routing
+            ws.append(r.weights.float().cpu())
+            zs.append(r.z.float().cpu())
+            ts.append(torch.as_tensor(t).long().reshape(-1).cpu())
+            n += x.shape[0]
+            if max_samples is not None and n >= max_samples:
+                break
+    finally:
+        model.train(was_training)
+    if not ws:
+        raise ValueError("routing analysis got an empty loader")
+    out = {"weights": torch.cat(ws).numpy(), "z": torch.cat(zs).numpy(), "task_ids": torch.cat(ts).numpy()}
+    if max_samples is not None:
+        out = {k: v[:max_samples] for k, v in out.items()}
+    return out
+
+
+def normalize_codes(z: np.ndarray) -> np.ndarray:
+    """Rows divided by their L2 norm (zero rows stay zero)."""
+    z = np.asarray(z, dtype=np.float64)
+    norm = np.linalg.norm(z, axis=1, keepdims=True)
+    return z / np.where(norm > 0, norm, 1.0)
+
+
+def mean_weights_per_task(weights: np.ndarray, task_ids: np.ndarray, num_tasks: int) -> np.ndarray:
+    """(T, E) mean mixing weight per task; rows of tasks without samples are nan."""
+    weights = np.asarray(weights, dtype=np.float64)
+    out = np.full((num_tasks, weights.shape[1]), np.nan)
+    for t in range(num_tasks):
+        sel = task_ids == t
+        if sel.any():
+            out[t] = weights[sel].mean(axis=0)
+    return out
+
+
+def task_centroids(codes: np.ndarray, task_ids: np.ndarray, num_tasks: int) -> np.ndarray:
+    """(T, d) mean code per task (nan rows for tasks without samples)."""
+    codes = np.asarray(codes, dtype=np.float64)
+    out = np.full((num_tasks, codes.shape[1]), np.nan)
+    for t in range(num_tasks):
+        sel = task_ids == t
+        if sel.any():
+            out[t] = codes[sel].mean(axis=0)
+    return out
+
+
+def predict_task(codes: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest (Euclidean) centroid per code; tasks with nan centroids are never chosen."""
+    codes = np.asarray(codes, dtype=np.float64)
+    d = ((codes[:, None, :] - centroids[None, :, :]) ** 2).sum(axis=2)
+    d = np.where(np.isnan(d), np.inf, d)
+    return d.argmin(axis=1)
+
+
+def task_inference_accuracy(train_codes: np.ndarray, train_tasks: np.ndarray, eval_codes: np.ndarray,
+                            eval_tasks: np.ndarray, num_tasks: int, normalize: bool = True) -> float:
+    """Share of eval codes whose nearest train-split task centroid is their own task (ties: lowest task id)."""
+    if len(eval_codes) == 0:
+        return math.nan
+    if normalize:
+        train_codes, eval_codes = normalize_codes(train_codes), normalize_codes(eval_codes)
+    cents = task_centroids(train_codes, np.asarray(train_tasks), num_tasks)
+    return float((predict_task(eval_codes, cents) == np.asarray(eval_tasks)).mean())
+
+
+def silhouette(codes: np.ndarray, task_ids: np.ndarray, normalize: bool = True, max_samples: int = 5000,
+               seed: int = 0) -> float:
+    """sklearn silhouette score of the codes labelled by task (nan with fewer than 2 tasks or too few samples)."""
+    from sklearn.metrics import silhouette_score
+
+    codes = normalize_codes(codes) if normalize else np.asarray(codes, dtype=np.float64)
+    labels = np.asarray(task_ids)
+    k = len(np.unique(labels))
+    if k < 2 or k >= len(labels):
+        return math.nan
+    size = min(max_samples, len(labels)) if len(labels) > max_samples else None
+    return float(silhouette_score(codes, labels, sample_size=size, random_state=seed))
+
+
+def pca_2d(codes: np.ndarray, normalize: bool = True) -> tuple[np.ndarray, list[float]]:
+    """2-D PCA projection of the codes and the explained-variance ratio of the two components."""
+    from sklearn.decomposition import PCA
+
+    codes = normalize_codes(codes) if normalize else np.asarray(codes, dtype=np.float64)
+    k = min(2, codes.shape[0], codes.shape[1])
+    if k == 0:
+        return np.zeros((codes.shape[0], 2)), [0.0, 0.0]
+    pca = PCA(n_components=k).fit(codes)
+    proj = pca.transform(codes)
+    ratio = [float(v) for v in np.nan_to_num(pca.explained_variance_ratio_)]
+    if k < 2:
+        proj = np.concatenate([proj, np.zeros((proj.shape[0], 2 - k))], axis=1)
+        ratio += [0.0] * (2 - k)
+    return proj, ratio
+
+
+def routing_summary(train: dict[str, np.ndarray], evals: dict[str, np.ndarray], num_tasks: int,
+                    task_names: list[str] | None = None) -> dict[str, Any]:
+    """Numbers of Fig. 6 from codes of the train split (centroids) and an eval split (everything else).
+
+    Single-input scenarios (task id -1 on every sample) get only the overall mean weights.
+    """
+    names = task_names or [str(t) for t in range(num_tasks)]
+    w, t = evals["weights"], evals["task_ids"]
+    ent = -(np.clip(w, 1e-12, 1.0) * np.log(np.clip(w, 1e-12, 1.0))).sum(axis=1)
+    out: dict[str, Any] = {
+        "num_experts": int(w.shape[1]), "code_dim": int(evals["z"].shape[1]), "num_eval": int(len(t)),
+        "num_train": int(len(train["task_ids"])), "tasks": names,
+        "overall_mean_weights": w.mean(axis=0).tolist(),
+        "mean_weight_entropy": float(ent.mean()), "max_entropy": float(math.log(w.shape[1])),
+        "codes": "z / ||z|| (as the TwD loss sees them)",
+    }
+    if (t < 0).all():
+        out["per_task"] = False
+        out["note"] = "single-input scenario: every sample carries every task, no per-task routing statistics"
+        return out
+    counts = np.bincount(t[t >= 0], minlength=num_tasks)
+    out.update({
+        "per_task": True,
+        "mean_weights": [[None if np.isnan(v) else float(v) for v in row]
+                         for row in mean_weights_per_task(w, t, num_tasks)],
+        "task_inference_accuracy": task_inference_accuracy(train["z"], train["task_ids"], evals["z"], t, num_tasks),
+        "chance_accuracy": float(counts.max() / max(1, counts.sum())),
+        "silhouette": silhouette(evals["z"], t),
+        "eval_counts": counts.tolist(),
+    })
+    return out
+
+
+__all__ = ["collect_codes", "mean_weights_per_task", "normalize_codes", "pca_2d", "predict_task", "routing_summary",
+           "silhouette", "task_centroids", "task_inference_accuracy"]

@@ -1,0 +1,199 @@
+"""``analyze_run``: load a trained run through the engine and write spectra, parameter counts and routing
+analyses (CSV/JSON + PNG) to ``RUN_DIR/analysis``. Reads checkpoints only; never trains."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from mola.analysis import plots
+from mola.analysis.params import RANKS, count_vs_rank, parameter_counts, single_task_total
+from mola.analysis.routing import collect_codes, pca_2d, routing_summary
+from mola.analysis.spectra import find_mola_model, layer_singular_values, layer_spectra
+from mola.data.base import Scenario
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_json(obj: Any, path: Path) -> None:
+    """JSON with nan/inf written as null."""
+    path.write_text(json.dumps(_json_safe(obj), indent=2))
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """Rows (dicts) to CSV, columns in first-seen order."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _sample_loader(dataset: Any, batch_size: int, max_samples: int, seed: int) -> DataLoader:
+    """Ordered loader over a seeded random subset (at most ``max_samples``) of ``dataset``."""
+    n = len(dataset)
+    if n > max_samples:
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(n, generator=g)[:max_samples].sort().values.tolist()
+        dataset = Subset(dataset, idx)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+def _params_section(trainer: Any, ranks: tuple[int, ...]) -> dict[str, Any]:
+    from mola.models import build_model
+
+    cfg = trainer.cfg
+    model = trainer.model
+    scen = trainer.scenario
+    counts = parameter_counts(model)
+    out: dict[str, Any] = {"arch": cfg.model.arch, "num_tasks": scen.num_tasks, "shared_head": scen.shared_head,
+                           "counts": counts}
+    formula = single_task_total(counts, scen.num_tasks, scen.shared_head)
+    try:
+        st_cfg = dataclasses.replace(cfg.model, arch="single_task", options={})
+        out["single_task_total"] = parameter_counts(build_model(scen, st_cfg))["total"]
+        out["single_task_source"] = "built single_task arch over the same backbone and heads"
+    except (ValueError, KeyError, RuntimeError) as err:
+        out["single_task_total"] = formula
+        out["single_task_source"] = f"T*(backbone + head) formula ({err})"
+    enc = find_mola_model(model)
+    if enc is not None:
+        out["mode"] = enc.config.mode
+        out["rank"] = cfg.model.mola.rank
+
+        def build(r: int) -> torch.nn.Module:
+            mcfg = dataclasses.replace(cfg.model.mola, rank=r)
+            return build_model(scen, dataclasses.replace(cfg.model, mola=mcfg))
+
+        out["count_vs_rank"] = count_vs_rank(build, ranks)
+    return out
+
+
+def analyze_run(run_dir: str | Path, checkpoint: str = "best", eps: float = 0.99, split: str = "val",
+                out_dir: str | Path | None = None, device: str = "cpu", scenario: Scenario | None = None,
+                ranks: tuple[int, ...] = RANKS, max_train_samples: int = 4096,
+                experts: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Analyse one run directory; ``scenario`` replaces rebuilding the data from the run's config (tests)."""
+    from mola.config_utils import from_dict
+    from mola.engine import RunConfig, Trainer
+    from mola.engine.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    if checkpoint not in ("best", "last"):
+        raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be one of train, val, test, got {split!r}")
+    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (is {run_dir} a mola run directory?)")
+    ckpt = load_checkpoint(path)
+    cfg = from_dict(RunConfig, ckpt["config"])
+    cfg.train.progress = False
+    cfg.train.tensorboard = False
+    cfg.train.device = device
+    trainer = Trainer(cfg, run_dir, scenario=scenario)
+    trainer.load_state(ckpt, training=False)
+    model = trainer.model.eval()
+    out = Path(out_dir) if out_dir is not None else run_dir / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    task_names = [t.name for t in trainer.tasks]
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": checkpoint, "epoch": ckpt.get("epoch"),
+                               "best_epoch": ckpt.get("best_epoch"), "arch": cfg.model.arch, "files": []}
+
+    params = _params_section(trainer, ranks)
+    write_json(params, out / "params.json")
+    summary["files"].append("params.json")
+    summary["params"] = params
+    if "count_vs_rank" in params:
+        plots.plot_params_vs_rank(params["count_vs_rank"], out / "params_vs_rank.png", params["single_task_total"],
+                                  params["rank"] if isinstance(params["rank"], int) else None)
+        summary["files"].append("params_vs_rank.png")
+
+    enc = find_mola_model(model)
+    summary["mode"] = enc.config.mode if enc is not None else None
+    if enc is not None:
+        rows = layer_spectra(model, eps)
+        write_csv(rows, out / "spectra.csv")
+        plots.plot_pc_proportions(rows, out / "pc_proportion.png")
+        plots.plot_singular_values(layer_singular_values(model, experts), out / "singular_values.png")
+        summary["files"] += ["spectra.csv", "pc_proportion.png", "singular_values.png"]
+        summary["spectra"] = {
+            "layers": len(rows), "eps": eps,
+            "w0_pc_mean": float(np.nanmean([r["w0_pc"] for r in rows])),
+            "adapter_pc_mean": float(np.nanmean([v for r in rows for k, v in r.items()
+                                                 if k.startswith("e") and k.endswith("_pc")])),
+        }
+
+    if enc is not None and enc.config.mode == "router":
+        bs = cfg.data.eval_batch_size
+        train_codes = collect_codes(model, _sample_loader(trainer.scenario.train, bs, max_train_samples,
+                                                          cfg.train.seed), trainer.device)
+        eval_loader = trainer.loaders[split] if split != "train" and split in trainer.loaders else _sample_loader(
+            getattr(trainer.scenario, split), bs, max_train_samples, cfg.train.seed)
+        eval_codes = collect_codes(model, eval_loader, trainer.device)
+        routing = routing_summary(train_codes, eval_codes, len(task_names), task_names)
+        routing["split"] = split
+        routing["twd_weight"] = enc.config.twd_weight
+        proj, ratio = pca_2d(eval_codes["z"])
+        routing["pca_explained_variance"] = ratio
+        write_json(routing, out / "routing.json")
+        summary["files"].append("routing.json")
+        mw = routing["mean_weights"] if routing["per_task"] else [routing["overall_mean_weights"]]
+        names = task_names if routing["per_task"] else ["all tasks"]
+        tw = "with" if enc.config.twd_weight > 0 else "without"
+        plots.plot_router_heatmap(mw, names, out / "router_weights.png",
+                                  title=f"mean router weight per task ({split}, {tw} TwD)")
+        plots.plot_codes(proj, eval_codes["task_ids"], task_names, out / "router_codes.png",
+                         title=f"router codes z, 2-D PCA ({split}, {tw} TwD)")
+        summary["files"] += ["router_weights.png", "router_codes.png"]
+        summary["routing"] = routing
+    summary["out_dir"] = str(out)
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """A few lines for the terminal."""
+    mode = f", mode {s['mode']}" if s.get("mode") else ""
+    lines = [f"analysis of {s['run_dir']} (arch {s['arch']}{mode}, {s['checkpoint']} checkpoint, "
+             f"epoch {s['best_epoch'] if s['checkpoint'] == 'best' else (s['epoch'] or 0) - 1})"]
+    c = s["params"]["counts"]
+    parts = ", ".join(f"{k} {v:,}" for k, v in c.items() if k != "total")
+    lines.append(f"parameters: total {c['total']:,} ({parts}); single-task reference "
+                 f"{s['params']['single_task_total']:,}")
+    if "spectra" in s:
+        sp = s["spectra"]
+        lines.append(f"spectra: {sp['layers']} MoLA layers, mean pc proportion (eps {sp['eps']}) W0 "
+                     f"{sp['w0_pc_mean']:.3f}, W0+adapter {sp['adapter_pc_mean']:.3f}")
+    if "routing" in s:
+        r = s["routing"]
+        if r["per_task"]:
+            lines.append(f"routing ({r['split']}): task inference from z {r['task_inference_accuracy']:.3f} "
+                         f"(majority {r['chance_accuracy']:.3f}), silhouette {r['silhouette']:.3f}, "
+                         f"mean weight entropy {r['mean_weight_entropy']:.3f} / {r['max_entropy']:.3f}")
+        else:
+            lines.append(f"routing ({r['split']}): {r['note']}")
+    lines.append(f"wrote {s['out_dir']}: " + ", ".join(s["files"]))
+    return "\n".join(lines)
+
+
+__all__ = ["analyze_run", "format_summary", "write_csv", "write_json"]
