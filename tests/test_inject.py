@@ -174,7 +174,7 @@ def small_net() -> nn.Module:
     ).to(DT)
 
 
-@pytest.mark.parametrize("compute", ["auto", "reference"])
+@pytest.mark.parametrize("compute", ["auto", "merged", "lowrank", "reference"])
 @pytest.mark.parametrize("layout", ["kernel", "factorized"])
 @pytest.mark.parametrize("ids", [[0, 2, 1, 2, 0, 0], [2, 0, 2, 2, 0], [1, 1, 1]],
                          ids=["all_present", "task1_absent", "one_task"])

@@ -137,7 +137,8 @@ def _conv_params():
             yield pytest.param(kw, hw, layout, id=f"{cid}-{layout}")
 
 
-ROUTES = [("auto", "ids"), ("auto", "softmax"), ("auto", "signed"), ("reference", "ids"),
+ROUTES = [("auto", "ids"), ("merged", "ids"), ("lowrank", "ids"), ("auto", "softmax"), ("auto", "signed"),
+          ("reference", "ids"),
           ("reference", "softmax")]
 
 
@@ -261,3 +262,17 @@ def test_layer_routing_errors():
     routing.set_task_ids(torch.tensor([0, 1, 1]))
     with pytest.raises(ValueError, match="batch of 2 samples"):
         layer(torch.randn(2, 3))
+
+
+def test_auto_task_path_follows_cost_model():
+    """auto: low-rank (one-hot) path while its extra multiply-adds stay under the base op's, merged beyond."""
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    cheap = MoLAConv2d(conv, 4, 2)
+    dear = MoLAConv2d(nn.Conv2d(64, 64, 3, padding=1), 64, 8)
+    # block-diagonal kernel layout (64 % 3 != 0): E*r*kh^2*Ci*kh*kw + Co*E*kh*r*kh over Co*Ci*kh*kw
+    expect = (4 * 2 * 9 * 64 * 9 + 64 * 4 * 3 * 2 * 3) / (64 * 64 * 9)
+    assert cheap.lowrank_cost_ratio() == pytest.approx(expect)
+    assert cheap.task_path == "lowrank" and dear.task_path == "merged"
+    assert MoLAConv2d(nn.Conv2d(64, 64, 3), 64, 8, compute="lowrank").task_path == "lowrank"
+    lin = MoLALinear(nn.Linear(32, 16), 3, 2)
+    assert lin.lowrank_cost_ratio() == pytest.approx(3 * 2 * (32 + 16) / (32 * 16))

@@ -33,7 +33,7 @@ class MoLAConfig:
     rank: int | dict[str, int] = 4
     alpha: float = 16.0
     layout: Literal["kernel", "factorized"] = "kernel"
-    compute: Literal["auto", "reference"] = "auto"
+    compute: Literal["auto", "merged", "lowrank", "reference"] = "auto"
     target_modules: str | list[str] = "last_stage"
     router_type: Literal["auto", "resnet", "mlp"] = "auto"
     router_input_size: int | None = None
@@ -45,7 +45,8 @@ class MoLAConfig:
     twd_tau: float = 1.0
 
     def __post_init__(self) -> None:
-        checks = {"mode": ("grad", "router"), "layout": ("kernel", "factorized"), "compute": ("auto", "reference"),
+        checks = {"mode": ("grad", "router"), "layout": ("kernel", "factorized"),
+                  "compute": ("auto", "merged", "lowrank", "reference"),
                   "router_type": ("auto", "resnet", "mlp"), "lift_input": ("logits", "weights")}
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
@@ -200,7 +201,7 @@ class MoLAModel(nn.Module):
             raise ValueError(f"task_ids must be an integer tensor, got dtype {task_ids.dtype}")
         if task_ids.shape != (batch,):
             raise ValueError(f"task_ids must have shape ({batch},) to match the batch, got {tuple(task_ids.shape)}")
-        if batch:
+        if batch and not torch.compiler.is_compiling():
             lo, hi = int(task_ids.min()), int(task_ids.max())
             top = self.num_experts if bounded else None
             if lo < 0 or (top is not None and hi >= top):

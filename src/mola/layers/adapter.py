@@ -14,9 +14,12 @@ from torch import Tensor, nn
 from mola.layers.routing import Routing
 
 Layout = Literal["kernel", "factorized"]
-Compute = Literal["auto", "reference"]
+Compute = Literal["auto", "merged", "lowrank", "reference"]
 LAYOUTS = ("kernel", "factorized")
-COMPUTES = ("auto", "reference")
+COMPUTES = ("auto", "merged", "lowrank", "reference")
+LOWRANK_MAX_RATIO = 1.0
+"""With task ids, ``auto`` takes the low-rank path when its extra multiply-adds are at most this share of the
+base op's, and one merged weight per present task otherwise."""
 
 
 class MoLALayer(nn.Module):
@@ -64,6 +67,21 @@ class MoLALayer(nn.Module):
     def _dense_delta(self, x: Tensor, w: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _factors(self, experts: Tensor) -> tuple[Tensor, Tensor]:
+        """(B_e, A_e) of the given experts as matrices whose product, viewed as W0's shape, is dW_e."""
+        raise NotImplementedError
+
+    def lowrank_cost_ratio(self) -> float:
+        """Multiply-adds of the low-rank path's extra work per output position over the base op's."""
+        raise NotImplementedError
+
+    @property
+    def task_path(self) -> str:
+        """How task-id routing is computed: "merged" (one weight per present task) or "lowrank" (one-hot mixing)."""
+        if self.compute in ("merged", "lowrank"):
+            return self.compute
+        return "lowrank" if self.lowrank_cost_ratio() <= LOWRANK_MAX_RATIO else "merged"
+
     # -- helpers ------------------------------------------------------------------------------------
     @property
     def weight(self) -> Tensor:
@@ -73,10 +91,15 @@ class MoLALayer(nn.Module):
     def bias(self) -> Tensor | None:
         return self.base_layer.bias
 
+    def merged_weights(self, experts: Tensor) -> Tensor:
+        """W0 + s * dW_e for each given expert, (n, *W0.shape), in one fused batched multiply-add."""
+        b, a = self._factors(experts)
+        w0 = self.weight.reshape(1, b.shape[1], a.shape[2]).expand(b.shape[0], -1, -1)
+        return torch.baddbmm(w0, b, a, alpha=self.scaling).view(b.shape[0], *self.weight.shape)
+
     def merged_weight(self, expert: int) -> Tensor:
         """W0 + s * dW_e: the weight a sample routed only to ``expert`` sees."""
-        idx = torch.tensor([expert], device=self.weight.device)
-        return self.weight + self.scaling * self.delta_weights(idx)[0]
+        return self.merged_weights(torch.tensor([expert], device=self.weight.device))[0]
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters(recurse=False)]
@@ -108,6 +131,9 @@ class MoLALayer(nn.Module):
         if r.dense:
             assert r.weights is not None
             return self._op(x, self.weight, self.bias) + self.scaling * self._dense_delta(x, r.weights)
+        if self.task_path == "lowrank":
+            # one-hot mixing through the low-rank path: exact, no host sync, other adapters get zero gradient
+            return self._op(x, self.weight, self.bias) + self.scaling * self._dense_delta(x, r.mixing())
         return self._per_task(x, r)
 
     def _per_task(self, x: Tensor, r: Routing) -> Tensor:
@@ -117,7 +143,8 @@ class MoLALayer(nn.Module):
         if not present:  # empty batch: nothing to route, the base op gives the right (0, ...) shape
             return self._op(x, self.weight, self.bias)
         idx = torch.tensor(present, dtype=torch.long, device=self.weight.device)
-        merged = self.weight.unsqueeze(0) + self.scaling * self.delta_weights(idx)
+        # unbind, not merged[i]: indexing would make autograd write a full-size zero gradient per task
+        merged = self.merged_weights(idx).unbind(0)
         if len(present) == 1:
             return self._op(x, merged[0], self.bias)
         chunks = x.index_select(0, order).split(counts)

@@ -57,6 +57,22 @@ class MoLAConv2d(MoLALayer):
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_B.zero_()
 
+    def _factors(self, experts: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = self.lora_A.index_select(0, experts), self.lora_B.index_select(0, experts)
+        return b, (a if self.layout == "kernel" else a.flatten(2))
+
+    def lowrank_cost_ratio(self) -> float:
+        co, ci_g, kh, kw = self.weight.shape
+        g, e, r = self.base_layer.groups, self.num_experts, self.rank
+        base = co * ci_g * kh * kw
+        if self.layout == "factorized":
+            extra = e * r * ci_g * kh * kw + co * e * r
+        elif ci_g % kh == 0:  # A: g*kh*E*r*kh outputs reading Ci/(g*kh)*kh*kw inputs; B: 1x1 back to Co
+            extra = g * e * r * kh * ci_g * kh * kw + co * kh * e * r * kh
+        else:  # block-diagonal A: g*E*kh*r*kh outputs reading Ci/g*kh*kw inputs
+            extra = g * e * r * kh * kh * ci_g * kh * kw + co * e * kh * r * kh
+        return extra / base
+
     def delta_weights(self, experts: Tensor | None = None) -> Tensor:
         a, b = self.lora_A, self.lora_B
         if experts is not None:

@@ -42,6 +42,13 @@ class MoLALinear(MoLALayer):
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_B.zero_()
 
+    def _factors(self, experts: Tensor) -> tuple[Tensor, Tensor]:
+        return self.lora_B.index_select(0, experts), self.lora_A.index_select(0, experts)
+
+    def lowrank_cost_ratio(self) -> float:
+        co, ci = self.weight.shape
+        return self.num_experts * self.rank * (ci + co) / (co * ci)
+
     def delta_weights(self, experts: Tensor | None = None) -> Tensor:
         a, b = self.lora_A, self.lora_B
         if experts is not None:
