@@ -266,11 +266,11 @@ def test_layer_routing_errors():
 
 def test_auto_task_path_follows_cost_model():
     """auto: low-rank (one-hot) path while its extra multiply-adds stay under the base op's, merged beyond."""
-    conv = nn.Conv2d(64, 64, 3, padding=1)
+    conv = nn.Conv2d(256, 256, 3, padding=1)
     cheap = MoLAConv2d(conv, 4, 2)
-    dear = MoLAConv2d(nn.Conv2d(64, 64, 3, padding=1), 64, 8)
-    # block-diagonal kernel layout (64 % 3 != 0): E*r*kh^2*Ci*kh*kw + Co*E*kh*r*kh over Co*Ci*kh*kw
-    expect = (4 * 2 * 9 * 64 * 9 + 64 * 4 * 3 * 2 * 3) / (64 * 64 * 9)
+    dear = MoLAConv2d(nn.Conv2d(256, 256, 3, padding=1), 64, 8)
+    # block-diagonal kernel layout (256 % 3 != 0): E*r*kh^2*Ci*kh*kw + Co*E*kh*r*kh over Co*Ci*kh*kw
+    expect = (4 * 2 * 9 * 256 * 9 + 256 * 4 * 3 * 2 * 3) / (256 * 256 * 9)
     assert cheap.lowrank_cost_ratio() == pytest.approx(expect)
     assert cheap.task_path == "lowrank" and dear.task_path == "merged"
     assert MoLAConv2d(nn.Conv2d(64, 64, 3), 64, 8, compute="lowrank").task_path == "lowrank"
