@@ -136,7 +136,7 @@ class SmallCNN(nn.Module):
         widths = [width, 2 * width, 4 * width, 8 * width]
         strides = [1, 2, 1, 1] if dilated else [1, 2, 2, 2]
         cin = width
-        for i, (w, s) in enumerate(zip(widths, strides), start=1):
+        for i, (w, s) in enumerate(zip(widths, strides, strict=True), start=1):
             setattr(self, f"layer{i}", _ConvBlock(cin, w, s))
             cin = w
         self.out_dim = cin

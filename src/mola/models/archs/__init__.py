@@ -1,3 +1,3 @@
 """Baseline architectures and MoLA, one file each, registered in ``mola.models.base.ARCHS``."""
 
-from mola.models.archs import hps, mola, single_task  # noqa: F401
+from mola.models.archs import cgc, cross_stitch, dselect_k, hps, ltb, mmoe, mola, mtan, single_task  # noqa: F401
