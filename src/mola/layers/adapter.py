@@ -6,6 +6,7 @@ weight) and ``_dense_delta`` (the cheapest exact evaluation of sum_e w_b,e f(x_b
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -81,6 +82,13 @@ class MoLALayer(nn.Module):
         if self.compute in ("merged", "lowrank"):
             return self.compute
         return "lowrank" if self.lowrank_cost_ratio() <= LOWRANK_MAX_RATIO else "merged"
+
+    def reset_adapters(self) -> None:
+        """A kaiming-uniform(a=sqrt 5) per expert, B = 0: a fresh layer computes exactly its base op."""
+        with torch.no_grad():
+            for a in self.lora_A:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_B.zero_()
 
     # -- helpers ------------------------------------------------------------------------------------
     @property

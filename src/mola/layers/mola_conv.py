@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,12 +48,6 @@ class MoLAConv2d(MoLALayer):
             self.lora_B = nn.Parameter(torch.zeros(e, co, r, device=dev, dtype=dt))
         self.reset_adapters()
 
-    def reset_adapters(self) -> None:
-        """A kaiming-uniform(a=sqrt 5) per expert, B = 0: a fresh layer computes exactly the base conv."""
-        with torch.no_grad():
-            for a in self.lora_A:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            self.lora_B.zero_()
 
     def _factors(self, experts: Tensor) -> tuple[Tensor, Tensor]:
         a, b = self.lora_A.index_select(0, experts), self.lora_B.index_select(0, experts)

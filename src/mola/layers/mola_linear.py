@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -35,12 +33,6 @@ class MoLALinear(MoLALayer):
         self.lora_B = nn.Parameter(torch.zeros(num_experts, co, rank, device=dev, dtype=dt))
         self.reset_adapters()
 
-    def reset_adapters(self) -> None:
-        """A kaiming-uniform(a=sqrt 5) per expert, B = 0: a fresh layer computes exactly the base linear."""
-        with torch.no_grad():
-            for a in self.lora_A:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            self.lora_B.zero_()
 
     def _factors(self, experts: Tensor) -> tuple[Tensor, Tensor]:
         return self.lora_B.index_select(0, experts), self.lora_A.index_select(0, experts)

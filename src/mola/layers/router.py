@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class _BasicBlock(nn.Module):
+class BasicBlock(nn.Module):
+    """CIFAR-style residual block: two 3x3 conv-BN, ReLU, 1x1 conv-BN shortcut when shape changes."""
+
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -49,7 +51,7 @@ class Router(nn.Module):
         cin = widths[0]
         for i, cout in enumerate(widths):
             for j in range(blocks):
-                layers.append(_BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                layers.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
                 cin = cout
         self.stages = nn.Sequential(*layers)
         self.fc = nn.Linear(cin, num_experts)

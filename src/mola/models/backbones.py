@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mola.layers.router import BasicBlock
 from mola.registry import Registry
 
 
@@ -108,21 +109,6 @@ BACKBONES.register("resnet18")(_resnet(18))
 BACKBONES.register("resnet50")(_resnet(50))
 
 
-class _ConvBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
-
 
 class SmallCNN(nn.Module):
     """A 4-stage residual CNN (one block per stage, widths w, 2w, 4w, 8w) for 28-64 px inputs."""
@@ -137,7 +123,7 @@ class SmallCNN(nn.Module):
         strides = [1, 2, 1, 1] if dilated else [1, 2, 2, 2]
         cin = width
         for i, (w, s) in enumerate(zip(widths, strides, strict=True), start=1):
-            setattr(self, f"layer{i}", _ConvBlock(cin, w, s))
+            setattr(self, f"layer{i}", BasicBlock(cin, w, s))
             cin = w
         self.out_dim = cin
 
