@@ -34,3 +34,24 @@ def test_method_short_run_beats_chance(tmp_path: Path, kind: str, name: str) -> 
     chance = np.mean([np.bincount(labels[val.task_ids == t]).max() / (val.task_ids == t).sum()
                       for t in range(trainer.scenario.num_tasks)])
     assert final["mean"]["val"]["acc"] > chance + 0.1, (name, final["mean"]["val"]["acc"], chance)
+
+
+@pytest.mark.parametrize("name", [n for n in DOMAIN_METHODS.names() if n != "erm"])
+def test_domain_method_on_feature_maps(tmp_path: Path, name: str) -> None:
+    """Conv backbones hand (B, C, h, w) maps to domain methods: they pool them to (B, C) and train."""
+    import torch
+
+    from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
+
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    ds = ArrayTaskDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g),
+                          torch.arange(n) % 2)
+    tasks = [TaskInfo(f"d{i}", num_classes=3) for i in range(2)]
+    scenario = Scenario("maps", "domain", tasks, ds, ds, ds, (1, 8, 8), shared_head=True)
+    cfg = load_config(None, ["model.backbone.name=small_cnn", "model.backbone.width=4", "data.batch_size=16",
+                             "train.epochs=1", "train.progress=false", "train.tensorboard=false",
+                             f"train.method={name}"])
+    trainer = Trainer(cfg, tmp_path / "run", scenario=scenario)
+    trainer.fit()
+    assert all(math.isfinite(v) for k, v in trainer.history[-1].items() if k.startswith("train/"))

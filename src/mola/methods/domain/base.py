@@ -17,7 +17,7 @@ from mola.methods.base import DOMAIN_METHODS, Method, StepContext
 
 
 class DomainMethod(Method):
-    """Base of domain methods: ``feature_dim`` is the flattened size of ``ctx.features`` (may be None)."""
+    """Base of domain methods: ``feature_dim`` is the size of the pooled features (``flat_features``; may be None)."""
 
     def __init__(self, num_tasks: int, feature_dim: int | None = None, **options: Any) -> None:
         super().__init__(num_tasks, **options)
@@ -27,7 +27,7 @@ class DomainMethod(Method):
     def require_feature_dim(self) -> int:
         """``feature_dim`` or a ValueError naming the method (for methods that build modules on the features)."""
         if self.feature_dim is None:
-            raise ValueError(f"{type(self).__name__} needs feature_dim (the flattened size of the shared features)")
+            raise ValueError(f"{type(self).__name__} needs feature_dim (the channel size of the shared features)")
         return int(self.feature_dim)
 
     def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> dict[str, float]:
@@ -37,10 +37,16 @@ class DomainMethod(Method):
 
 
 def flat_features(ctx: StepContext) -> Tensor:
-    """``ctx.features`` as (B, F), checked against the batch's domain ids."""
+    """``ctx.features`` as (B, F): feature maps (B, C, h, w) and tokens (B, L, C) are average-pooled to (B, C)
+    (as DomainBed's featurizers do), vectors kept; checked against the batch's domain ids."""
     if ctx.features is None:
         raise ValueError("this domain method needs ctx.features (the shared representation)")
-    feats = ctx.features.flatten(1) if ctx.features.dim() > 1 else ctx.features.unsqueeze(1)
+    f = ctx.features
+    if f.dim() == 4:
+        f = f.mean(dim=(2, 3))
+    elif f.dim() == 3:
+        f = f.mean(dim=1)
+    feats = f if f.dim() > 1 else f.unsqueeze(1)
     if feats.shape[0] != ctx.task_ids.shape[0]:
         raise ValueError(f"features have {feats.shape[0]} rows but the batch has {ctx.task_ids.shape[0]} domain ids")
     return feats
