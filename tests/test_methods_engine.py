@@ -55,3 +55,44 @@ def test_domain_method_on_feature_maps(tmp_path: Path, name: str) -> None:
     trainer = Trainer(cfg, tmp_path / "run", scenario=scenario)
     trainer.fit()
     assert all(math.isfinite(v) for k, v in trainer.history[-1].items() if k.startswith("train/"))
+
+
+@pytest.mark.parametrize("arch", ["hps", "mola", "mmoe", "cgc", "dselect_k", "mtan"])
+def test_dann_runs_on_batch_first_archs(tmp_path: Path, arch: str) -> None:
+    """Every arch whose shared representation is batch-first gives domain methods their feature size."""
+    import torch
+
+    from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
+
+    g = torch.Generator().manual_seed(0)
+    ds = ArrayTaskDataset(torch.randn(48, 1, 8, 8, generator=g), torch.randint(0, 3, (48,), generator=g),
+                          torch.arange(48) % 2)
+    scenario = Scenario("maps", "domain", [TaskInfo(f"d{i}", num_classes=3) for i in range(2)], ds, ds, ds,
+                        (1, 8, 8), shared_head=True)
+    cfg = load_config(None, ["model.backbone.name=small_cnn", "model.backbone.width=4", "data.batch_size=16",
+                             "train.epochs=1", "train.progress=false", "train.tensorboard=false",
+                             "train.method=dann", f"model.arch={arch}"])
+    trainer = Trainer(cfg, tmp_path / "run", scenario=scenario)
+    assert trainer.method.feature_dim == trainer.model.feature_dim == 32
+    trainer.fit()
+
+
+def test_mtan_features_are_in_batch_order() -> None:
+    """Domain methods read ctx.features row-aligned with task_ids, so MTAN must not leave them task-sorted."""
+    import torch
+
+    from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
+    from mola.models import ModelConfig, build_model
+    from mola.models.backbones import BackboneConfig
+
+    ds = ArrayTaskDataset(torch.zeros(2, 1, 8, 8), torch.zeros(2), torch.zeros(2))
+    sc = Scenario("m", "multi_input", [TaskInfo(f"t{i}", num_classes=3) for i in range(2)], ds, ds, ds, (1, 8, 8))
+    model = build_model(sc, ModelConfig(arch="mtan", backbone=BackboneConfig(width=4))).eval()
+    x = torch.randn(4, 1, 8, 8)
+    ids = torch.tensor([1, 0, 1, 0])
+    with torch.no_grad():
+        model(x, ids)
+        feats = model.features.clone()
+        perm = torch.tensor([3, 2, 1, 0])
+        model(x[perm], ids[perm])
+    torch.testing.assert_close(model.features, feats[perm])

@@ -117,12 +117,12 @@ class Trainer:
         self.model: MultiTaskModel = build_model(self.scenario, cfg.model).to(self.device)
         t = self.scenario.num_tasks
         self.weighting: Method = get_weighting(cfg.train.weighting, t, **cfg.train.weighting_options)
-        feat_dim = getattr(self.model, "feature_dim", None) or _feature_dim(self.model)
         self.domain: Method | None = None
         if cfg.train.method != "erm":
             if cfg.train.weighting != "ew":
                 raise ValueError("combine a domain method (train.method) only with train.weighting=ew")
-            self.domain = get_domain_method(cfg.train.method, t, feature_dim=feat_dim, **cfg.train.method_options)
+            self.domain = get_domain_method(cfg.train.method, t, feature_dim=self.model.feature_dim,
+                                            **cfg.train.method_options)
         self.method = (self.domain or self.weighting).to(self.device)
         params = [p for p in list(self.model.parameters()) + list(self.method.parameters()) if p.requires_grad]
         self.steps_per_epoch = self._steps_per_epoch()
@@ -366,14 +366,6 @@ class Trainer:
         tmp.replace(self.run_dir / "final.json")
         # leave the model at the best checkpoint, as evaluated
         return final
-
-
-def _feature_dim(model: nn.Module) -> int | None:
-    enc = getattr(model, "encoder", None)
-    if enc is not None:
-        inner = getattr(enc, "model", enc)
-        return getattr(inner, "out_dim", None)
-    return None
 
 
 def _tensorboard(run_dir: Path) -> Any:

@@ -58,13 +58,18 @@ class MultiTaskModel(nn.Module):
         self.shared_head = shared_head
         self.input_shape = tuple(input_shape)
         self.features: Tensor | None = None
+        self.feature_dim: int | None = None
 
     @property
     def single_input(self) -> bool:
         return self.heterogeneity == "single_input"
 
     def make_heads(self, in_dim: int, hidden: int = 128) -> nn.ModuleList:
-        """One head per task, or one shared head when all tasks share a label space (domain scenarios)."""
+        """One head per task, or one shared head when all tasks share a label space (domain scenarios).
+
+        ``in_dim`` is the channel size of the features the heads read; it is kept as ``feature_dim``.
+        """
+        self.feature_dim = in_dim
         if self.shared_head:
             return nn.ModuleList([make_head(self.tasks[0], in_dim, hidden)])
         return nn.ModuleList([make_head(t, in_dim, hidden) for t in self.tasks])

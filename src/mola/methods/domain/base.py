@@ -37,14 +37,14 @@ class DomainMethod(Method):
 
 
 def flat_features(ctx: StepContext) -> Tensor:
-    """``ctx.features`` as (B, F): feature maps (B, C, h, w) and tokens (B, L, C) are average-pooled to (B, C)
-    (as DomainBed's featurizers do), vectors kept; checked against the batch's domain ids."""
+    """``ctx.features`` as (B, F): maps (B, C, h, w), expert maps (B, E, C, h, w), tokens or experts (B, L, C) are
+    average-pooled to (B, C) (as DomainBed's featurizers do), vectors kept; rows must be in batch order."""
     if ctx.features is None:
         raise ValueError("this domain method needs ctx.features (the shared representation)")
     f = ctx.features
-    if f.dim() == 4:
-        f = f.mean(dim=(2, 3))
-    elif f.dim() == 3:
+    if f.dim() >= 4:  # (B, C, h, w) maps, or (B, E, C, h, w) expert maps (MMoE-like): pool space
+        f = f.mean(dim=(-2, -1))
+    if f.dim() == 3:  # (B, L, C) tokens or (B, E, C) experts: pool the middle axis
         f = f.mean(dim=1)
     feats = f if f.dim() > 1 else f.unsqueeze(1)
     if feats.shape[0] != ctx.task_ids.shape[0]:

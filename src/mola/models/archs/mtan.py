@@ -124,13 +124,12 @@ class MTAN(MultiTaskModel):
                 self.masks[t] = [m.index_select(0, r) for m in self.masks[t]]
             else:
                 parts.append(self.attend(t, [p.index_select(0, r) for p in shared]))
+        # the shared representation in batch order (rows aligned with task_ids); the heads read from it
+        order = torch.cat(list(rows.values()))
         feats = torch.cat(parts)
+        feats = feats.new_zeros(feats.shape).index_copy(0, order, feats)
         self.features = feats
-        out, start = {}, 0
-        for t, r in rows.items():
-            out[t] = self.head(t)(feats[start:start + len(r)], size)
-            start += len(r)
-        return out
+        return self.apply_heads(feats, task_ids, size)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"backbone": list(self.stages.parameters()), "attention_shared": list(self.carry.parameters()),
