@@ -96,14 +96,14 @@ def analyze_run(run_dir: str | Path, checkpoint: str = "best", eps: float = 0.99
     """Analyse one run directory; ``scenario`` replaces rebuilding the data from the run's config (tests)."""
     from mola.config_utils import from_dict
     from mola.engine import RunConfig, Trainer
-    from mola.engine.checkpoint import load_checkpoint
+    from mola.engine.checkpoint import checkpoint_path, load_checkpoint
 
     run_dir = Path(run_dir)
     if checkpoint not in ("best", "last"):
         raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be one of train, val, test, got {split!r}")
-    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    path = checkpoint_path(run_dir, checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (is {run_dir} a mola run directory?)")
     ckpt = load_checkpoint(path)

@@ -21,7 +21,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         cfg.train.seed = args.seed
     run_dir = _run_dir(cfg, args.out)
-    last = run_dir / "checkpoints" / "last.pt"
+    from mola.engine.checkpoint import checkpoint_path
+
+    last = checkpoint_path(run_dir, "last")
     if last.exists() and not args.resume:
         raise ValueError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
                          "or --out DIR for a new one")
@@ -40,11 +42,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from mola.config_utils import from_dict
     from mola.engine import RunConfig, Trainer, format_table
-    from mola.engine.checkpoint import load_checkpoint
+    from mola.engine.checkpoint import checkpoint_path, load_checkpoint
 
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / "checkpoints" / "best.pt"
+    path = checkpoint_path(args.checkpoint, "best")
     ckpt = load_checkpoint(path)
     cfg = from_dict(RunConfig, ckpt["config"])
     cfg.train.progress = False

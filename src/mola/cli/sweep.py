@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from mola.engine.checkpoint import checkpoint_path
+
 GRID_AXES = ("arch", "method", "weighting", "seed")
 SWEEP_KEYS = ("base", "out_dir", "grid", "overrides")
 MOLA_METHODS = ("mola_grad", "mola_router")
@@ -177,7 +179,7 @@ def run_status(run_dir: Path) -> str:
     """'complete' (final.json), 'resume' (checkpoints/last.pt only) or 'new'."""
     if (run_dir / "final.json").is_file():
         return "complete"
-    if (run_dir / "checkpoints" / "last.pt").is_file():
+    if checkpoint_path(run_dir, "last").is_file():
         return "resume"
     return "new"
 

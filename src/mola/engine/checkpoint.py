@@ -58,11 +58,26 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.unlink(tmp)
 
 
+CHECKPOINT_NAMES = ("best", "last")
+
+
+def checkpoint_path(run_or_path: str | Path, which: str = "best") -> Path:
+    """The checkpoint file of a run directory (``which`` = best/last), or ``run_or_path`` itself if it is a file.
+
+    The one place that knows checkpoint file names: callers never build ``checkpoints/...`` paths themselves."""
+    path = Path(run_or_path)
+    if path.is_file():
+        return path
+    if which not in CHECKPOINT_NAMES:
+        raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINT_NAMES)}, got {which!r}")
+    return path / "checkpoints" / f"{which}.pt"
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint written by ``atomic_save`` without executing pickled code; corrupt -> ValueError."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found: {path} (is {path.parent.parent} a mola run directory?)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises several types for truncated/corrupt files
