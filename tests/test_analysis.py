@@ -257,6 +257,7 @@ RUNS = {  # name -> (input shape, overrides)
     "grad": ((3, 8, 8), ["model.backbone.name=small_cnn", "model.backbone.width=4", "model.mola.mode=grad"]),
     "router": ((1, 6, 6), ["model.backbone.name=mlp", "model.backbone.width=2", "model.mola.mode=router"]),
     "hps": ((1, 6, 6), ["model.backbone.name=mlp", "model.backbone.width=2", "model.arch=hps"]),
+    "hps_cnn": ((3, 8, 8), ["model.backbone.name=small_cnn", "model.backbone.width=4", "model.arch=hps"]),
 }
 
 
@@ -309,7 +310,12 @@ def test_analyze_router_grad_and_plain_runs(tiny_runs: dict[str, tuple[Path, Sce
 
     run, scen = tiny_runs["hps"]
     s = analyze_run(run, scenario=scen)
-    assert sorted(p.name for p in (run / "analysis").iterdir()) == ["params.json"] and "spectra" not in s
+    assert sorted(p.name for p in (run / "analysis").iterdir()) == ["params.json", "singular_values.png",
+                                                                  "spectra.csv"]
+    assert s["spectra"]["plain"] and "routing" not in s
+    with open(run / "analysis" / "spectra.csv") as fh:
+        plain = list(csv.DictReader(fh))
+    assert plain and all(not r["layer"].startswith("heads") for r in plain) and {"w_pc", "w_rank"} <= set(plain[0])
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         analyze_run(run.parent / "missing")
 
@@ -327,3 +333,64 @@ def test_analyze_cli(tiny_runs: dict[str, tuple[Path, Scenario]], monkeypatch: p
     assert "task inference" in text and "routing (test)" in text
     assert json.loads((out / "routing.json").read_text())["split"] == "test"
     assert main(["analyze", str(run.parent / "nope")]) == 2
+
+
+def test_plain_spectra_and_layer_matching() -> None:
+    from mola.analysis.compare import match_layer, plain_layer_spectra, plain_weights
+
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5))
+    with torch.no_grad():  # a rank-2 weight: k* = 2 of n = 2 -> proportion 1; identity-like 6x6 block: n = 6
+        net[2].weight.copy_(torch.randn(5, 2, generator=g) @ torch.randn(2, 8, generator=g))
+        net[0].weight.zero_()
+        net[0].weight[:6, :6] = torch.eye(6)
+    rows = {r["layer"]: r for r in plain_layer_spectra(net, eps=0.999)}
+    assert rows["2"]["w_rank"] == 2 and rows["2"]["w_kstar"] == 2
+    assert rows["0"]["w_rank"] == 6 and rows["0"]["w_kstar"] == 6 and rows["0"]["w_pc"] == 1.0
+    wrapped = inject(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5)),
+                     MoLAConfig(num_experts=2, rank=1, target_modules=["2"]))
+    names = list(plain_weights(wrapped))
+    assert sum(n.endswith("2") or ".2." in n for n in names) == 1  # the MoLA layer counts once (its W0)
+    assert match_layer("layer4.conv1", ["encoder.layer4.conv1", "x.encoder.layer4.conv1", "layer4.conv10"]) == \
+        "encoder.layer4.conv1"
+    assert match_layer("layer4.conv1", ["encoder.layer4.conv10"]) is None
+
+
+def test_compare_spectra_reference_equals_copied_weights() -> None:
+    from mola.analysis.compare import compare_spectra
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5))
+    plain = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5))
+    plain.load_state_dict(base.state_dict())
+    model = inject(base, MoLAConfig(num_experts=2, rank=2, target_modules=["2"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora" in n:
+                p.normal_()
+    rows, svals = compare_spectra(model, {"plain": plain}, eps=0.99)
+    (row,) = rows
+    assert row["plain:W pc"] == row["W0 pc"] and row["plain:W rank"] == row["W0 rank"] == 5
+    assert torch.equal(svals[row["layer"]]["plain:W"], svals[row["layer"]]["W0"])
+    assert not torch.equal(svals[row["layer"]]["W0+s*dW0"], svals[row["layer"]]["W0"])
+    wrong = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 7))
+    with pytest.raises(ValueError, match="weight shape"):
+        compare_spectra(model, {"wrong": wrong})
+    with pytest.raises(ValueError, match="no MoLA layers"):
+        compare_spectra(plain, {"plain": plain})
+
+
+def test_analyze_compare_runs(tiny_runs: dict[str, tuple[Path, Scenario]]) -> None:
+    from mola.analysis.run import analyze_run, format_summary
+
+    run, scen = tiny_runs["grad"]
+    ref, ref_scen = tiny_runs["hps_cnn"]
+    s = analyze_run(run, scenario=scen, ranks=(1,), compare=(ref,), compare_scenarios=(ref_scen,),
+                    out_dir=run.parent / "cmp")
+    assert (run.parent / "cmp" / "compare_singular_values.png").is_file()
+    with open(run.parent / "cmp" / "compare_spectra.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(r["hps_cnn:W pc"] != "" for r in rows)
+    assert "pc proportion" in format_summary(s)
+    with pytest.raises(ValueError, match="needs a MoLA run"):
+        analyze_run(ref, scenario=ref_scen, compare=(run,), compare_scenarios=(scen,), out_dir=run.parent / "x")

@@ -33,7 +33,8 @@ def _short(name: str, width: int = 28) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
-def plot_singular_values(svals: dict[str, dict[str, Any]], path: str | Path, max_layers: int = 12) -> Path:
+def plot_singular_values(svals: dict[str, dict[str, Any]], path: str | Path, max_layers: int = 12,
+                         title: str = "singular values per MoLA layer (nonzero, flattened Co x Ci*k*k)") -> Path:
     """Box plots per MoLA layer of the nonzero singular values of W0 and W0 + s*dW_e (paper Fig. 4)."""
     names = list(svals)[:max_layers]
     if not names:
@@ -46,7 +47,8 @@ def plot_singular_values(svals: dict[str, dict[str, Any]], path: str | Path, max
         labels = list(svals[name])
         data = [np.asarray(svals[name][k], dtype=float) for k in labels]
         box = ax.boxplot(data, patch_artist=True, widths=0.6)
-        ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=7)
+        tilt = {"rotation": 25, "ha": "right"} if len(labels) > 2 else {}
+        ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=7, **tilt)
         for patch, color in zip(box["boxes"], COLORS, strict=False):
             patch.set_facecolor(color)
             patch.set_alpha(0.6)
@@ -55,7 +57,7 @@ def plot_singular_values(svals: dict[str, dict[str, Any]], path: str | Path, max
         ax.tick_params(axis="y", labelsize=7)
         if i % cols == 0:
             ax.set_ylabel("singular value")
-    fig.suptitle("singular values per MoLA layer (nonzero, flattened Co x Ci*k*k)", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
 

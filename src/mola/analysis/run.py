@@ -15,9 +15,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from mola.analysis import plots
+from mola.analysis.compare import compare_spectra, plain_layer_spectra, plain_weights
 from mola.analysis.params import RANKS, count_vs_rank, parameter_counts, single_task_total
 from mola.analysis.routing import collect_codes, pca_2d, routing_summary
-from mola.analysis.spectra import find_mola_model, layer_singular_values, layer_spectra
+from mola.analysis.spectra import find_mola_model, layer_singular_values, layer_spectra, singular_values
 from mola.data.base import Scenario
 
 
@@ -89,30 +90,39 @@ def _params_section(trainer: Any, ranks: tuple[int, ...]) -> dict[str, Any]:
     return out
 
 
-def analyze_run(run_dir: str | Path, checkpoint: str = "best", eps: float = 0.99, split: str = "val",
-                out_dir: str | Path | None = None, device: str = "cpu", scenario: Scenario | None = None,
-                ranks: tuple[int, ...] = RANKS, max_train_samples: int = 4096,
-                experts: tuple[int, int] = (0, 1)) -> dict[str, Any]:
-    """Analyse one run directory; ``scenario`` replaces rebuilding the data from the run's config (tests)."""
+def load_trained(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu",
+                 scenario: Scenario | None = None) -> tuple[Any, dict[str, Any], Any]:
+    """(Trainer holding the trained model, checkpoint dict, RunConfig) of a run directory; trains nothing."""
     from mola.config_utils import from_dict
     from mola.engine import RunConfig, Trainer
     from mola.engine.checkpoint import checkpoint_path, load_checkpoint
 
-    run_dir = Path(run_dir)
     if checkpoint not in ("best", "last"):
         raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be one of train, val, test, got {split!r}")
-    path = checkpoint_path(run_dir, checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (is {run_dir} a mola run directory?)")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(checkpoint_path(run_dir, checkpoint))
     cfg = from_dict(RunConfig, ckpt["config"])
     cfg.train.progress = False
     cfg.train.tensorboard = False
     cfg.train.device = device
-    trainer = Trainer(cfg, run_dir, scenario=scenario)
+    trainer = Trainer(cfg, Path(run_dir), scenario=scenario)
     trainer.load_state(ckpt, training=False)
+    trainer.model.eval()
+    return trainer, ckpt, cfg
+
+
+def analyze_run(run_dir: str | Path, checkpoint: str = "best", eps: float = 0.99, split: str = "val",
+                out_dir: str | Path | None = None, device: str = "cpu", scenario: Scenario | None = None,
+                ranks: tuple[int, ...] = RANKS, max_train_samples: int = 4096,
+                experts: tuple[int, int] = (0, 1), compare: tuple[str | Path, ...] = (),
+                compare_scenarios: tuple[Scenario | None, ...] | None = None) -> dict[str, Any]:
+    """Analyse one run directory; ``scenario`` replaces rebuilding the data from the run's config (tests).
+
+    ``compare``: other run directories (e.g. HPS without MoLA, a higher-rank MoLA run) whose matching layer
+    weights are put beside this run's in compare_spectra.csv and compare_singular_values.png (Fig. 3/4)."""
+    run_dir = Path(run_dir)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be one of train, val, test, got {split!r}")
+    trainer, ckpt, cfg = load_trained(run_dir, checkpoint, device, scenario)
     model = trainer.model.eval()
     out = Path(out_dir) if out_dir is not None else run_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
@@ -143,6 +153,34 @@ def analyze_run(run_dir: str | Path, checkpoint: str = "best", eps: float = 0.99
             "adapter_pc_mean": float(np.nanmean([v for r in rows for k, v in r.items()
                                                  if k.startswith("e") and k.endswith("_pc")])),
         }
+    else:
+        rows = plain_layer_spectra(model, eps)
+        if rows:
+            write_csv(rows, out / "spectra.csv")
+            ranks_by_layer = {r["layer"]: r["w_rank"] for r in rows}
+            svals = {name: {"W": singular_values(w)[: max(1, ranks_by_layer[name])]}
+                     for name, w in list(plain_weights(model).items())[-12:]}
+            plots.plot_singular_values(svals, out / "singular_values.png",
+                                       title="singular values per layer, no MoLA (last 12 Conv/Linear layers)")
+            summary["files"] += ["spectra.csv", "singular_values.png"]
+            summary["spectra"] = {"layers": len(rows), "eps": eps, "plain": True,
+                                  "w_pc_mean": float(np.nanmean([r["w_pc"] for r in rows]))}
+    if compare:
+        if enc is None:
+            raise ValueError(f"--compare needs a MoLA run to compare against; {run_dir} is arch {cfg.model.arch}")
+        scens = compare_scenarios or (None,) * len(compare)
+        refs = {}
+        for ref_dir, ref_scen in zip(compare, scens, strict=True):
+            label = Path(ref_dir).name
+            if label in refs:
+                raise ValueError(f"two --compare runs share the folder name {label!r}; their labels would clash")
+            refs[label] = load_trained(ref_dir, checkpoint, device, ref_scen)[0].model
+        crows, csvals = compare_spectra(model, refs, eps, experts)
+        write_csv(crows, out / "compare_spectra.csv")
+        plots.plot_singular_values(csvals, out / "compare_singular_values.png",
+                                   title=f"singular values: {run_dir.name} vs " + ", ".join(refs))
+        summary["files"] += ["compare_spectra.csv", "compare_singular_values.png"]
+        summary["compare"] = {"runs": [str(c) for c in compare], "layers": crows}
 
     if enc is not None and enc.config.mode == "router":
         bs = cfg.data.eval_batch_size
@@ -180,7 +218,11 @@ def format_summary(s: dict[str, Any]) -> str:
     parts = ", ".join(f"{k} {v:,}" for k, v in c.items() if k != "total")
     lines.append(f"parameters: total {c['total']:,} ({parts}); single-task reference "
                  f"{s['params']['single_task_total']:,}")
-    if "spectra" in s:
+    if "spectra" in s and s["spectra"].get("plain"):
+        sp = s["spectra"]
+        lines.append(f"spectra (no MoLA): {sp['layers']} Conv/Linear layers, mean pc proportion (eps {sp['eps']}) "
+                     f"{sp['w_pc_mean']:.3f}")
+    elif "spectra" in s:
         sp = s["spectra"]
         lines.append(f"spectra: {sp['layers']} MoLA layers, mean pc proportion (eps {sp['eps']}) W0 "
                      f"{sp['w0_pc_mean']:.3f}, W0+adapter {sp['adapter_pc_mean']:.3f}")
@@ -192,6 +234,9 @@ def format_summary(s: dict[str, Any]) -> str:
                          f"mean weight entropy {r['mean_weight_entropy']:.3f} / {r['max_entropy']:.3f}")
         else:
             lines.append(f"routing ({r['split']}): {r['note']}")
+    for row in s.get("compare", {}).get("layers", []):
+        pcs = ", ".join(f"{k[:-3]} {v:.3f}" for k, v in row.items() if k.endswith(" pc"))
+        lines.append(f"pc proportion {row['layer']}: {pcs}")
     lines.append(f"wrote {s['out_dir']}: " + ", ".join(s["files"]))
     return "\n".join(lines)
 

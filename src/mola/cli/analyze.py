@@ -10,7 +10,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from mola.analysis.run import analyze_run, format_summary
 
     summary = analyze_run(args.run_dir, checkpoint=args.checkpoint, eps=args.eps, split=args.split,
-                          out_dir=args.out, device=args.device)
+                          out_dir=args.out, device=args.device, compare=tuple(args.compare))
     print(format_summary(summary))
     return 0
 
@@ -26,6 +26,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--eps", type=float, default=0.99, help="energy share for the principal-component proportion")
     p.add_argument("--split", choices=["train", "val", "test"], default="val",
                    help="split whose router codes are scored (task centroids always come from train)")
+    p.add_argument("--compare", action="append", default=[], metavar="RUN_DIR",
+                   help="another run (e.g. HPS without MoLA, or a higher-rank MoLA run) whose matching layer "
+                        "spectra are put beside this run's; repeatable")
     p.add_argument("--out", help="output folder (default RUN_DIR/analysis)")
     p.add_argument("--device", default="cpu", help="device to load the model on (default cpu)")
     p.set_defaults(func=cmd_analyze)
