@@ -11,6 +11,7 @@ import torch
 
 from mola.data.base import TaskInfo
 from mola.engine import Trainer, load_config
+from mola.engine.checkpoint import checkpoint_path, load_checkpoint
 from mola.engine.config import RunConfig
 from mola.engine.losses import task_loss
 
@@ -86,8 +87,10 @@ def test_short_run_learns_and_beats_chance(tmp_path: Path, mode: str) -> None:
                       for t in range(trainer.scenario.num_tasks)])
     assert final["mean"]["val"]["acc"] > chance + 0.2, (final["mean"]["val"], chance)
     run = tmp_path / "run"
-    for f in ("config.yaml", "metrics.csv", "final.json", "checkpoints/best.pt", "checkpoints/last.pt"):
+    for f in ("config.yaml", "metrics.csv", "final.json"):
         assert (run / f).is_file(), f
+    for which in ("best", "last"):
+        assert checkpoint_path(run, which).is_file() and checkpoint_path(run, which).suffix == ".safetensors"
     saved = json.loads((run / "final.json").read_text())
     assert set(saved) >= {"val", "test", "mean", "best_epoch"}
     assert set(saved["test"]) == {t.name for t in trainer.tasks}
@@ -106,8 +109,8 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     c.resume()
     assert c.epoch == 2
     c.fit()
-    a_last = torch.load(tmp_path / "a/checkpoints/last.pt", weights_only=True)["model"]
-    c_last = torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=True)["model"]
+    a_last = load_checkpoint(checkpoint_path(tmp_path / "a", "last"))["model"]
+    c_last = load_checkpoint(checkpoint_path(tmp_path / "b", "last"))["model"]
     assert a_last.keys() == c_last.keys()
     for k in a_last:
         assert torch.equal(a_last[k], c_last[k]), k

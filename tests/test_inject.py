@@ -196,6 +196,7 @@ def test_gradient_separation(layout, compute, ids):
             for pname in ("lora_A", "lora_B"):
                 g = getattr(layer, pname).grad
                 assert g is not None
+                g = g.reshape(3, -1)  # one row per expert (factorized conv lora_A is (E*r, Ci, kh, kw))
                 for e in range(3):
                     if e == t and bool((ids == t).any()):
                         assert g[e].abs().max() > 0, f"{name}.{pname}[{e}] got no gradient"
@@ -447,3 +448,23 @@ def test_merge_out_of_range_raises():
     for bad in (3, -1, 10):
         with pytest.raises(ValueError, match="out of range"):
             mm.merge(bad)
+
+
+def test_load_adapters_accepts_legacy_5d_factorized_lora_a(tmp_path):
+    """Adapter files written when the factorized conv lora_A was (E, r, Ci, kh, kw) still load, unchanged values."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    src = mola.inject(small_net(), MoLAConfig(num_experts=3, rank=2, layout="factorized", target_modules=["0"]))
+    path = tmp_path / "a.safetensors"
+    src.save_adapters(path)
+    with safe_open(str(path), framework="pt") as fh:
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    assert tensors["model.0.lora_A"].shape == (6, 3, 3, 3)
+    tensors["model.0.lora_A"] = tensors["model.0.lora_A"].reshape(3, 2, 3, 3, 3)
+    save_file(tensors, str(path), metadata=meta)
+    torch.manual_seed(1)
+    dst = mola.inject(small_net(), MoLAConfig(num_experts=3, rank=2, layout="factorized", target_modules=["0"]))
+    dst.load_adapters(path)
+    assert torch.equal(dst.model[0].lora_A, src.model[0].lora_A)

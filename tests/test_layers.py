@@ -28,16 +28,16 @@ ID_SETS = {
 # -- independent reference ------------------------------------------------------------------------
 def hand_delta(layer: nn.Module, e: int) -> torch.Tensor:
     """dW_e exactly as method.md §2 defines it, from the raw adapter tensors."""
-    a = layer.lora_A.detach()[e]
     b = layer.lora_B.detach()[e]
     w0 = layer.base_layer.weight
     if isinstance(layer, MoLALinear):
-        return b @ a
+        return b @ layer.lora_A.detach()[e]
     if layer.layout == "kernel":
         # A_e (r*kh, (Ci/g)*kw), B_e (Co*kh, r*kh)
-        return (b @ a).view(w0.shape)
-    # A_e (r, Ci, kh, kw), B_e (Co, r)
-    return (b @ a.flatten(1)).view(w0.shape)
+        return (b @ layer.lora_A.detach()[e]).view(w0.shape)
+    # lora_A (E*r, Ci, kh, kw): A_e is rows e*r .. e*r+r-1; B_e (Co, r)
+    r = layer.rank
+    return (b @ layer.lora_A.detach()[e * r : (e + 1) * r].flatten(1)).view(w0.shape)
 
 
 def hand_op(base: nn.Module, x_b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -182,7 +182,7 @@ def test_adapter_shapes_and_init():
     assert conv.lora_A.shape == (5, 4 * 3, 4 * 2)  # (r*kh, (Ci/g)*kw)
     assert conv.lora_B.shape == (5, 6 * 3, 4 * 3)  # (Co*kh, r*kh)
     fac = MoLAConv2d(nn.Conv2d(8, 6, 3), 5, 4, layout="factorized")
-    assert fac.lora_A.shape == (5, 4, 8, 3, 3)
+    assert fac.lora_A.shape == (5 * 4, 8, 3, 3)  # (E*r, Ci, kh, kw): 4-D, peft's conv lora_A per expert
     assert fac.lora_B.shape == (5, 6, 4)
     lin = MoLALinear(nn.Linear(7, 3), 5, 2)
     assert lin.lora_A.shape == (5, 2, 7) and lin.lora_B.shape == (5, 3, 2)
@@ -191,7 +191,8 @@ def test_adapter_shapes_and_init():
         assert torch.count_nonzero(layer.lora_A) == layer.lora_A.numel()
         assert layer.scaling == 16.0 / layer.rank
         # A is initialised per expert: no two experts share the same A
-        assert not torch.equal(layer.lora_A[0], layer.lora_A[1])
+        per_expert = layer.lora_A.reshape(5, -1)
+        assert not torch.equal(per_expert[0], per_expert[1])
 
 
 @pytest.mark.parametrize("layout", ["kernel", "factorized"])
@@ -276,3 +277,46 @@ def test_auto_task_path_follows_cost_model():
     assert MoLAConv2d(nn.Conv2d(64, 64, 3), 64, 8, compute="lowrank").task_path == "lowrank"
     lin = MoLALinear(nn.Linear(32, 16), 3, 2)
     assert lin.lowrank_cost_ratio() == pytest.approx(3 * 2 * (32 + 16) / (32 * 16))
+
+
+# -- storage: 4-D factorized lora_A, channels_last, legacy 5-D state dicts ----------------------------
+@pytest.mark.parametrize("compute,route", [("auto", "ids"), ("merged", "ids"), ("auto", "softmax")])
+@pytest.mark.parametrize("layout", ["kernel", "factorized"])
+def test_channels_last_module_to_keeps_outputs(layout, compute, route):
+    layer, routing = make_layer(nn.Conv2d(4, 6, 3, padding=1), layout, compute, rank=2)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 4, 7, 6, generator=gen, dtype=DT)
+    ids = torch.tensor([2, 0, 2, 3, 1])
+    w = torch.randn(5, E, generator=gen, dtype=DT).softmax(-1) if route == "softmax" else F.one_hot(ids, E).to(DT)
+    if route == "softmax":
+        routing.set_weights(w)
+    else:
+        routing.set_task_ids(ids)
+    ref = hand_reference(layer, x, w)
+    layer.to(memory_format=torch.channels_last)  # raised for the old 5-D factorized lora_A
+    assert layer.base_layer.weight.is_contiguous(memory_format=torch.channels_last)
+    if layout == "factorized":
+        assert layer.lora_A.is_contiguous(memory_format=torch.channels_last) and not layer.lora_A.is_contiguous()
+    out = layer(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, **TOL)
+    assert (ref - hand_op(layer.base_layer, x, layer.base_layer.weight.detach())).abs().max() > 1e-3
+
+
+def test_factorized_init_fan_in_is_one_expert():
+    """kaiming-uniform(a=sqrt 5) bound is 1/sqrt(fan_in) with fan_in = Ci*kh*kw of one A_e (not kh*kw)."""
+    torch.manual_seed(0)
+    layer = MoLAConv2d(nn.Conv2d(8, 6, 3), 5, 4, layout="factorized")
+    bound = 1 / (8 * 3 * 3) ** 0.5
+    top = float(layer.lora_A.detach().abs().max())
+    assert 0.9 * bound < top <= bound
+
+
+def test_factorized_loads_legacy_5d_state_dict():
+    """A state dict saved when the factorized lora_A was (E, r, Ci, kh, kw) loads into the 4-D storage."""
+    layer, routing = make_layer(nn.Conv2d(4, 6, 3, padding=1), "factorized", "auto", rank=2)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["lora_A"] = state["lora_A"].view(E, 2, 4, 3, 3)
+    fresh, _ = make_layer(nn.Conv2d(4, 6, 3, padding=1), "factorized", "auto", rank=2, seed=7)
+    fresh.load_state_dict(state)
+    assert fresh.lora_A.shape == (E * 2, 4, 3, 3)
+    assert torch.equal(fresh.lora_A, layer.lora_A)

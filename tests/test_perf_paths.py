@@ -164,12 +164,8 @@ def test_channels_last_equals_nchw_float64(layout, route, model_cl):
 
 
 def to_channels_last(model: nn.Module) -> None:
-    # model.to(memory_format=torch.channels_last) raises for the factorized layout: Module.to also converts
-    # 5-D tensors and the factorized lora_A (E, r, Ci, kh, kw) is 5-D. Convert the 4-D tensors only.
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.dim() == 4:
-                t.data = t.data.contiguous(memory_format=torch.channels_last)
+    # plain Module.to: every 4-D tensor, the factorized lora_A (E*r, Ci, kh, kw) included, goes channels_last
+    model.to(memory_format=torch.channels_last)
 
 
 # -- (d) torch.compile ---------------------------------------------------------------------------------
@@ -286,6 +282,44 @@ def test_dynamo_explain_graph_breaks(fresh_dynamo):
     print(f"MoLAModel(x, task_ids), 2 MoLA convs: {ex.graph_count} graphs, {ex.graph_break_count} graph breaks")
     for r in reasons:
         print("  break:", r)
+
+
+@requires_compile
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_task_id_lowrank_path_has_no_graph_break(fresh_dynamo, layout):
+    """Task ids through the one-hot low-rank path: no host sync, so the layer and the model trace whole."""
+    model = two_conv(layout)
+    set_compute(model, "lowrank")
+    x, ids, _ = inputs(torch.float32)
+    model.routing.set_task_ids(ids)
+    ex, reasons = _explain(model.mola_layers()["conv1"], x)
+    assert ex.graph_break_count == 0, reasons
+    torch._dynamo.reset()
+    ex, reasons = _explain(model, x, task_ids=ids)
+    assert ex.graph_break_count == 0, reasons
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = model(x, task_ids=ids)
+        out = torch.compile(model, fullgraph=True, backend="eager")(x, task_ids=ids)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@requires_compile
+def test_router_forward_and_twd_have_no_graph_break(fresh_dynamo):
+    """Router mode: router, softmax, lift, dense MoLA layers and the TwD loss trace as one graph."""
+    model = make_model("factorized", dtype=torch.float32, mode="router", targets=["conv1", "conv2"], net=TwoConv())
+    x, ids, _ = inputs(torch.float32)
+
+    def loss(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return model(x, task_ids=ids).square().mean() + 0.1 * model.twd_loss()
+
+    ex, reasons = _explain(loss, x, ids)
+    assert ex.graph_break_count == 0, reasons
+    for no_pair in (False, True):  # all tasks distinct: TwD is a zero, still without a host sync
+        ids_ = torch.arange(len(IDS)) if no_pair else ids
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(loss, fullgraph=True, backend="eager")(x, ids_), loss(x, ids_),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @requires_compile

@@ -10,9 +10,10 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 import torch
@@ -22,27 +23,28 @@ from mola.config_utils import from_dict
 from mola.layers import Lift, MLPRouter, MoLAConv2d, MoLALayer, MoLALinear, Router, Routing, twd_loss
 
 PRESETS = ("last_stage", "all_stages")
+_M = TypeVar("_M", bound=nn.Module)
 
 
 @dataclass
 class MoLAConfig:
     """Where MoLA goes and how it mixes: the single source of MoLA defaults (method.md §2-5, §11)."""
 
-    mode: Literal["grad", "router"] = "grad"
-    num_experts: int = 0
-    rank: int | dict[str, int] = 4
-    alpha: float = 16.0
-    layout: Literal["kernel", "factorized"] = "kernel"
-    compute: Literal["auto", "merged", "lowrank", "reference"] = "auto"
-    target_modules: str | list[str] = "last_stage"
-    router_type: Literal["auto", "resnet", "mlp"] = "auto"
-    router_input_size: int | None = None
-    router_in_channels: int | None = None
-    lift_dim: int = 32
-    lift_input: Literal["logits", "weights"] = "logits"
-    lift_hidden: int | None = None
-    twd_weight: float = 0.1
-    twd_tau: float = 1.0
+    mode: Literal["grad", "router"] = "grad"  # grad: task id picks the adapter; router: a router mixes them per input
+    num_experts: int = 0  # E adapters per layer; 0 in a run config: the number of tasks (inject needs >= 1)
+    rank: int | dict[str, int] = 4  # adapter rank r, or {module pattern: r} with a "*" default
+    alpha: float = 16.0  # LoRA scaling s = alpha / rank
+    layout: Literal["kernel", "factorized"] = "kernel"  # kernel: the paper's conv adapters; factorized: peft-style
+    compute: Literal["auto", "merged", "lowrank", "reference"] = "auto"  # how task-id routing is computed (same result)
+    target_modules: str | list[str] = "last_stage"  # last_stage, all_stages, "stages:1,3" or module names / "re:..."
+    router_type: Literal["auto", "resnet", "mlp"] = "auto"  # auto: residual net if the model has a Conv2d, else MLP
+    router_input_size: int | None = None  # resize the router's copy of the input to this side (null: as is)
+    router_in_channels: int | None = None  # router input channels / features (null: read from the model)
+    lift_dim: int = 32  # dimension d of the TwD code z
+    lift_input: Literal["logits", "weights"] = "logits"  # the lift reads the router logits or softmax weights
+    lift_hidden: int | None = None  # hidden width of a 2-layer MLP lift (null: one Linear)
+    twd_weight: float = 0.1  # lambda: weight of the TwD loss (router mode)
+    twd_tau: float = 1.0  # temperature tau of the TwD loss
 
     def __post_init__(self) -> None:
         checks = {"mode": ("grad", "router"), "layout": ("kernel", "factorized"),
@@ -245,14 +247,18 @@ class MoLAModel(nn.Module):
         self.set_routing(x, task_ids, weights)
         return self.model(x, *args, **kwargs)
 
-    def twd_loss(self) -> Tensor:
-        """TwD loss of the last forward's codes and task ids (router mode)."""
+    def twd_loss(self, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """TwD loss of the last forward's codes and task ids (router mode); ``gather`` (an autograd-aware
+        all-gather of rows, under DDP) makes it the loss of every process's codes together."""
         r = self.routing
         if r.z is None:
             raise ValueError("twd_loss needs router codes: use mode='router' and let the router route")
         if r.task_ids is None:
             raise ValueError("twd_loss needs task ids: pass task_ids to forward in router mode")
-        return twd_loss(r.z, r.task_ids, self.config.twd_tau)
+        z, task_ids = r.z, r.task_ids
+        if gather is not None:
+            z, task_ids = gather(z), gather(task_ids)
+        return twd_loss(z, task_ids, self.config.twd_tau)
 
     # -- parameters -----------------------------------------------------------------------------------
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
@@ -332,6 +338,8 @@ class MoLAModel(nn.Module):
         if missing or extra:
             raise ValueError(f"adapter file {path} does not fit this model: missing {missing[:5]}, extra {extra[:5]}")
         for k, t in tensors.items():
+            if k.endswith(".lora_A") and t.dim() == 5 and t.numel() == own[k].numel() and own[k].dim() == 4:
+                tensors[k] = t = t.reshape(own[k].shape)  # legacy 5-D factorized lora_A (E, r, Ci, kh, kw)
             if t.shape != own[k].shape:
                 raise ValueError(
                     f"adapter file {path}: {k} has shape {tuple(t.shape)}, model has {tuple(own[k].shape)}"
@@ -372,7 +380,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _first(model: nn.Module, kind: type) -> nn.Module | None:
+def _first(model: nn.Module, kind: type[_M]) -> _M | None:
     return next((m for m in model.modules() if isinstance(m, kind)), None)
 
 
@@ -406,9 +414,11 @@ def inject(model: nn.Module, config: MoLAConfig) -> MoLAModel:
     layers: dict[str, MoLALayer] = {}
     for n in names:
         base = model.get_submodule(n)
-        kw = dict(num_experts=config.num_experts, rank=_rank_for(n, config.rank), alpha=config.alpha,
-                  layout=config.layout, compute=config.compute, name=n)
-        layer: MoLALayer = MoLAConv2d(base, **kw) if isinstance(base, nn.Conv2d) else MoLALinear(base, **kw)
+        kw: dict[str, Any] = dict(num_experts=config.num_experts, rank=_rank_for(n, config.rank), alpha=config.alpha,
+                                  layout=config.layout, compute=config.compute, name=n)
+        # resolve_targets yields Conv2d/Linear modules only (MoLALinear re-checks its base's type).
+        layer: MoLALayer = (MoLAConv2d(base, **kw) if isinstance(base, nn.Conv2d)
+                            else MoLALinear(cast(nn.Linear, base), **kw))
         _set_submodule(model, n, layer)
         layers[n] = layer
     router = lift = None

@@ -1,4 +1,5 @@
-"""``mola`` entry point: train, eval, list. Errors in the user's input print one line and exit 2."""
+"""``mola`` entry point: train, eval, list. Errors in the user's input print one line and exit 2; a NaN/inf
+loss that stops training (train.on_nonfinite=stop) prints one line and exits 3."""
 
 from __future__ import annotations
 
@@ -21,21 +22,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         cfg.train.seed = args.seed
     run_dir = _run_dir(cfg, args.out)
-    from mola.engine.checkpoint import checkpoint_path
+    from mola.engine.checkpoint import has_checkpoint
 
-    last = checkpoint_path(run_dir, "last")
-    if last.exists() and not args.resume:
+    resumable = has_checkpoint(run_dir)
+    if resumable and not args.resume:
         raise ValueError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
                          "or --out DIR for a new one")
-    trainer = Trainer(cfg, run_dir)
-    if args.resume and last.exists():
-        trainer.resume()
-        print(f"resuming {run_dir} at epoch {trainer.epoch}", file=sys.stderr)
+    trainer = Trainer(cfg, run_dir)  # under torchrun: one rank of a DDP run (docs/distributed.md)
+    main = trainer.dist.is_main
+    if args.resume and resumable:
+        path = trainer.resume()
+        if main:
+            print(f"resuming {run_dir} from {path.name} at epoch {trainer.epoch}, batch {trainer.batch_in_epoch} "
+                  f"(step {trainer.step})", file=sys.stderr)
     final = trainer.fit()
-    split = "test" if final["test"] else "val"
-    print(f"\n{cfg.name}: {split} metrics of the best-on-val checkpoint (epoch {final['best_epoch']}), "
-          f"run dir {run_dir}")
-    print(format_table(final, split))
+    if main:
+        split = "test" if final["test"] else "val"
+        print(f"\n{cfg.name}: {split} metrics of the best-on-val checkpoint (epoch {final['best_epoch']}), "
+              f"run dir {run_dir}")
+        print(format_table(final, split))
     return 0
 
 
@@ -75,7 +80,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         ("scenario configs (configs/)", configs),
         ("archs (--arch)", ARCHS.names()),
         ("weightings (--weighting)", WEIGHTINGS.names()),
-        ("methods (--method)", sorted(SHORTHANDS) + ["erm"] + DOMAIN_METHODS.names()),
+        ("methods (--method)", sorted(SHORTHANDS) + ["erm"] + [n for n in DOMAIN_METHODS.names() if n != "erm"]),
         ("backbones (model.backbone.name)", BACKBONES.names() + ["timm:<name>"]),
     ]
     for title, names in rows:
@@ -104,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     ls = sub.add_parser("list", help="scenarios, archs, weightings, methods and backbones")
     ls.set_defaults(func=cmd_list)
-    from mola.cli import analyze, report, sweep
-    for mod in (analyze, sweep, report):
+    from mola.cli import analyze, export, predict, report, sweep
+    for mod in (analyze, sweep, report, export, predict):
         mod.add_parser(sub)
     return p
 
@@ -117,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"mola: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from mola.engine.trainer import NonFiniteLossError
+
+        if not isinstance(err, NonFiniteLossError):
+            raise
+        print(f"mola: error: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ sweep.yaml::
       lr: [[optim.lr=0.1, optim.name=sgd], {small: optim.lr=0.01}]   # a list applied together, or {label: ...}
 
 Combinations that cannot run are marked ``invalid`` (a mola_* method with another arch; a domain method with a
-weighting other than ew). A run whose ``final.json`` exists is skipped; one with ``checkpoints/last.pt`` but no
+weighting other than ew). A run whose ``final.json`` exists is skipped; one with a ``last`` checkpoint but no
 ``final.json`` is resumed. Each run directory gets a ``sweep.json`` (the combination, read by ``mola report``),
 and ``out_dir/sweep_summary.csv`` gets one line per combination.
 """
@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from mola.engine.checkpoint import checkpoint_path
+from mola.engine.checkpoint import has_checkpoint
 
 GRID_AXES = ("arch", "method", "weighting", "seed")
 SWEEP_KEYS = ("base", "out_dir", "grid", "overrides")
@@ -176,10 +176,10 @@ def _invalid_reason(arch: str | None, method: str | None, weighting: str | None)
 
 
 def run_status(run_dir: Path) -> str:
-    """'complete' (final.json), 'resume' (checkpoints/last.pt only) or 'new'."""
+    """'complete' (final.json), 'resume' (a last checkpoint only) or 'new'."""
     if (run_dir / "final.json").is_file():
         return "complete"
-    if checkpoint_path(run_dir, "last").is_file():
+    if has_checkpoint(run_dir):
         return "resume"
     return "new"
 

@@ -53,6 +53,20 @@ class TaskDataset(Dataset):
         raise NotImplementedError
 
 
+def as_int64(values: Any, what: str) -> np.ndarray:
+    """``values`` (array, tensor or list) as an int64 array; ValueError naming ``what`` (e.g. "task ids"), the
+    first bad index and value when they are not integers (floats are accepted only when integral)."""
+    arr = values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"{what} must be integers, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            i = int(np.flatnonzero(bad.reshape(-1))[0])
+            raise ValueError(f"{what} must be integers, got {arr.reshape(-1)[i]} at index {i} (dtype {arr.dtype})")
+    return arr.astype(np.int64)
+
+
 class ArrayTaskDataset(TaskDataset):
     """In-memory dataset: inputs (N, ...) float tensor, labels (N,) int64, task ids (N,)."""
 
@@ -62,8 +76,8 @@ class ArrayTaskDataset(TaskDataset):
                 f"inputs ({len(inputs)}), labels ({len(labels)}) and task ids ({len(task_ids)}) differ in length"
             )
         self.inputs = inputs
-        self.labels = labels.long()
-        self.task_ids = np.asarray(task_ids, dtype=np.int64)
+        self.labels = torch.from_numpy(as_int64(labels, "labels"))
+        self.task_ids = as_int64(task_ids, "task ids")
         self.transform = transform
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:

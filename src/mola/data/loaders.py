@@ -5,7 +5,8 @@ draws it from a ``torch.Generator`` seeded with ``epoch_seed(seed, e)``. Sampler
 (each new pass over the loader is the next epoch), and ``set_loader_epoch(loader, e)`` (or
 ``loader.sampler.set_epoch(e)`` / ``loader.batch_sampler.set_epoch(e)``) jumps to epoch ``e``; so a run
 resumed at epoch ``e`` that calls it sees exactly the batches an uninterrupted run would. ``state_dict()`` /
-``load_state_dict()`` on the sampler save and restore ``{"seed", "epoch"}``.
+``load_state_dict()`` on the sampler save and restore ``{"seed", "epoch"}``. ``set_loader_position(loader, e, k)``
+also makes the next pass start at batch ``k`` of epoch ``e`` (a mid-epoch resume) without loading batches 0..k-1.
 
 - ``mixed``: a random permutation of the whole train set per epoch; batches mix tasks in proportion to their
   sizes; ``len(train) // batch_size`` full batches per epoch (the remainder is dropped, so no batch of one
@@ -44,10 +45,22 @@ class _EpochSeeded:
 
     seed: int
     epoch: int
+    skip: int = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass draw the order of ``epoch``."""
         self.epoch = int(epoch)
+
+    def skip_next(self, items: int) -> None:
+        """Make the next pass (only) leave out its first ``items`` items (indices, or batches for a batch
+        sampler) without changing what follows them: how a run resumed mid-epoch skips the batches it saw."""
+        if items < 0:
+            raise ValueError(f"cannot skip a negative number of items ({items})")
+        self.skip = int(items)
+
+    def _take_skip(self) -> int:
+        skip, self.skip = self.skip, 0
+        return skip
 
     def state_dict(self) -> dict[str, int]:
         """``{"seed", "epoch"}``: enough to reproduce the next pass."""
@@ -72,7 +85,7 @@ class EpochRandomSampler(_EpochSeeded, Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = self._next_generator()
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.randperm(self.n, generator=g)[self._take_skip():].tolist())
 
     def __len__(self) -> int:
         return self.n
@@ -99,11 +112,12 @@ class BalancedBatchSampler(_EpochSeeded, Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         g = self._next_generator()
+        skip = self._take_skip()
         t_count = len(self.pools)
         queues = [torch.randperm(len(p), generator=g) for p in self.pools]
         pos = [0] * t_count
         base, rem = divmod(self.batch_size, t_count)
-        for _ in range(self.num_batches):
+        for b in range(self.num_batches):
             quota = [base] * t_count
             for t in torch.randperm(t_count, generator=g)[:rem].tolist():
                 quota[t] += 1
@@ -117,7 +131,9 @@ class BalancedBatchSampler(_EpochSeeded, Sampler[list[int]]):
                     k -= len(take)
                     batch.append(self.pools[t][take])
             idx = torch.cat(batch)
-            yield idx[torch.randperm(len(idx), generator=g)].tolist()
+            order = torch.randperm(len(idx), generator=g)  # drawn for skipped batches too: same later batches
+            if b >= skip:
+                yield idx[order].tolist()
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
@@ -126,6 +142,24 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
         if hasattr(s, "set_epoch"):
             s.set_epoch(epoch)
             return
+
+
+def set_loader_position(loader: DataLoader, epoch: int, batches_done: int = 0) -> None:
+    """Make the next pass over the train ``loader`` yield epoch ``epoch`` from its batch ``batches_done`` on.
+
+    The skipped batches are never loaded: the seeded sampler draws the epoch's whole order and leaves out the
+    first ``batches_done`` batches' indices (so the batches that follow are exactly those of a full pass)."""
+    set_loader_epoch(loader, epoch)
+    if batches_done <= 0:
+        return
+    batch_sampler = loader.batch_sampler
+    if isinstance(batch_sampler, _EpochSeeded) or hasattr(batch_sampler, "skip_next"):  # also DDP's sharded one
+        batch_sampler.skip_next(batches_done)
+    elif isinstance(loader.sampler, _EpochSeeded) and loader.batch_size is not None:
+        loader.sampler.skip_next(batches_done * loader.batch_size)
+    else:
+        raise ValueError(f"cannot resume mid-epoch: the train loader's sampler ({type(loader.sampler).__name__}) "
+                         "is not a mola seeded sampler")
 
 
 def make_loaders(scenario: Scenario, cfg: DataConfig, seed: int) -> dict[str, DataLoader]:

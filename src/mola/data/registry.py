@@ -12,7 +12,8 @@ SCENARIOS: Registry[Callable[[DataConfig], Scenario]] = Registry("data kind")
 
 
 def build_scenario(cfg: DataConfig) -> Scenario:
-    """Build the scenario named by ``cfg.kind`` (imports the built-in layouts on first use)."""
+    """Build the scenario named by ``cfg.kind`` (imports the built-in layouts on first use) and validate it."""
     import mola.data.layouts  # noqa: F401  (registers the built-in layouts)
+    from mola.data.validate import validate_scenario
 
-    return SCENARIOS.get(cfg.kind)(cfg)
+    return validate_scenario(SCENARIOS.get(cfg.kind)(cfg))

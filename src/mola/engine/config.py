@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,41 +19,42 @@ from mola.models.base import ModelConfig
 class OptimConfig:
     """Optimizer and schedule; "auto" picks the paper's per-scenario default (method.md §11)."""
 
-    name: Literal["auto", "sgd", "adam", "adamw"] = "auto"
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float | None = None
-    scheduler: Literal["auto", "cosine", "none"] = "auto"
-    grad_clip: float | None = None
+    name: Literal["auto", "sgd", "adam", "adamw"] = "auto"  # auto: domain AdamW, multi-input SGD, single-input Adam
+    lr: float | None = None  # null: the scenario default (domain 1e-4, multi-input 0.05, single-input 1e-4)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float | None = None  # null: the default of the scenario (auto) or of the optimizer
+    scheduler: Literal["auto", "cosine", "none"] = "auto"  # auto: cosine for multi-input SGD, else none
+    grad_clip: float | None = None  # clip the model's gradient norm to this value (null: no clipping)
 
 
 @dataclass
 class TrainConfig:
     """The loop: epochs, seed, loss weighting / gradient method, domain method, device and logging."""
 
-    epochs: int = 10
-    seed: int = 0
-    weighting: str = "ew"
-    weighting_options: dict[str, Any] = field(default_factory=dict)
-    method: str = "erm"
-    method_options: dict[str, Any] = field(default_factory=dict)
-    device: str = "auto"
-    amp: bool = False
-    max_steps_per_epoch: int | None = None
-    eval_test: bool = True
-    select_metric: str = "auto"
-    on_nonfinite: Literal["stop", "skip"] = "stop"
-    progress: bool = True
-    tensorboard: bool = True
-    single_task_results: str | None = None
+    epochs: int = 10  # training epochs
+    seed: int = 0  # seed of initialisation, sampling order and methods (data splits use data.split_seed)
+    weighting: str = "ew"  # loss-weighting or gradient method (`mola list`)
+    weighting_options: dict[str, Any] = field(default_factory=dict)  # keyword options of the weighting
+    method: str = "erm"  # domain method (erm: plain sum of the losses); needs weighting ew
+    method_options: dict[str, Any] = field(default_factory=dict)  # keyword options of the domain method
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
+    amp: bool = False  # bfloat16 autocast for forward and loss (CUDA only)
+    max_steps_per_epoch: int | None = None  # cap on training steps per epoch (null: one pass over train)
+    eval_test: bool = True  # also evaluate the test split (final.json)
+    select_metric: str = "auto"  # val metric for the best checkpoint; auto: mean acc, or -val loss if not all classify
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or skips that step
+    checkpoint_every_steps: int | None = None  # also write the `last` checkpoint every N steps (null: per epoch)
+    progress: bool = True  # show a progress bar
+    tensorboard: bool = True  # write TensorBoard events to RUN_DIR/tb
+    single_task_results: str | None = None  # final.json of a single-task run: adds delta_m / delta_p to final.json
 
 
 @dataclass
 class RunConfig:
     """Everything one ``mola train`` needs; ``config.yaml`` in the run directory is this, resolved."""
 
-    name: str = "run"
-    out_dir: str = "runs"
+    name: str = "run"  # run name; the run directory is out_dir/name unless `mola train --out` says otherwise
+    out_dir: str = "runs"  # parent folder of run directories
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -111,7 +113,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {p}")
+            near = sorted(f.name for f in p.parent.glob("*.y*ml")) if p.parent.is_dir() else []
+            close = difflib.get_close_matches(p.name, near, n=3)
+            hint = f" Did you mean {', '.join(str(p.parent / c) for c in close)}?" if close else ""
+            raise FileNotFoundError(f"config file not found: {p}.{hint}")
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as err:

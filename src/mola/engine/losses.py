@@ -21,6 +21,15 @@ def task_loss(task: TaskInfo, pred: Tensor, target: Tensor) -> Tensor:
     return ((1 - cos) * mask).sum() / mask.sum().clamp_min(1)
 
 
+def task_loss_count(task: TaskInfo, target: Tensor) -> Tensor:
+    """How many elements ``task_loss`` averages over for ``target`` (labels or pixels that are not ignored)."""
+    if task.kind in ("classification", "segmentation"):
+        return (target != task.ignore_index).sum()
+    if task.kind == "depth":
+        return (target != 0).sum()
+    return (target.abs().sum(dim=1) > 0).sum()
+
+
 def split_targets(tasks: list[TaskInfo], targets: object, rows: dict[int, Tensor] | None) -> dict[int, Tensor]:
     """Per-task targets aligned with the model's per-task outputs (rows per task, or dict targets)."""
     if isinstance(targets, dict):

@@ -8,10 +8,13 @@ evaluation per task on val (and test), model selection on val only, best/last ch
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import math
 import random
 import time
+import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +24,19 @@ from torch import Tensor, nn
 
 from mola.data import build_scenario
 from mola.data.base import Scenario
-from mola.data.loaders import make_loaders
-from mola.engine.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from mola.data.loaders import make_loaders, set_loader_position
+from mola.data.validate import require_nonempty, validate_scenario
+from mola.engine.checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    load_latest,
+    remove_stale_temp_files,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from mola.engine.config import RunConfig, dump_config
+from mola.engine.distributed import init_distributed, shard_loaders, wrap_ddp
 from mola.engine.losses import split_targets, task_loss
 from mola.methods import Method, StepContext, get_domain_method, get_weighting
 from mola.metrics import HIGHER_IS_BETTER, delta_m, delta_p, make_meter, mean_over_tasks, primary_metric
@@ -54,8 +67,17 @@ def validate_names(cfg: RunConfig) -> None:
     if not cfg.model.backbone.name.startswith("timm:"):
         BACKBONES.get(cfg.model.backbone.name)
     WEIGHTINGS.get(cfg.train.weighting)
-    if cfg.train.method != "erm":
-        DOMAIN_METHODS.get(cfg.train.method)
+    if cfg.train.method != "erm" and cfg.train.method not in DOMAIN_METHODS:
+        from mola.engine.config import SHORTHANDS
+
+        if cfg.train.method in SHORTHANDS:
+            raise ValueError(f"train.method {cfg.train.method!r} is a --method shorthand (it sets model.arch/"
+                             "model.mola.mode); in a config file set model.arch: mola and model.mola.mode instead")
+        valid = ["erm", *SHORTHANDS, *DOMAIN_METHODS.names()]
+        close = difflib.get_close_matches(cfg.train.method, valid, n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"unknown method {cfg.train.method!r} (--method / train.method).{hint} "
+                         f"Valid names: {', '.join(valid)}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,10 +117,36 @@ def _to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _set_epoch(loader: Any, epoch: int) -> None:
-    for obj in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
-        if obj is not None and hasattr(obj, "set_epoch"):
-            obj.set_epoch(epoch)
+RESUME_FREE_KEYS = ("train.epochs", "train.progress", "train.tensorboard", "train.device", "train.eval_test",
+                    "train.checkpoint_every_steps", "train.on_nonfinite", "train.single_task_results")
+"""Settings a resumed run may change without a warning (they do not change the trained weights)."""
+
+
+def config_diff(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """``"dotted.key: saved -> now"`` for every leaf that differs between two nested config dicts."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out: list[str] = []
+        for k in list(saved) + [k for k in now if k not in saved]:
+            out += config_diff(saved.get(k, "<absent>"), now.get(k, "<absent>"), f"{prefix}{k}.")
+        return out
+    if isinstance(saved, tuple) or isinstance(now, tuple):
+        saved, now = (list(v) if isinstance(v, tuple) else v for v in (saved, now))
+    return [] if saved == now else [f"{prefix[:-1]}: {saved!r} -> {now!r}"]
+
+
+def _load_tensors(module: nn.Module, state: dict[str, Tensor], where: str, what: str) -> None:
+    """``module.load_state_dict(state)``, or a ValueError listing missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{name} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                 if keys]
+        raise ValueError(f"{where} does not fit this {what}; " + "; ".join(parts))
+    module.load_state_dict(state)
 
 
 class Trainer:
@@ -108,11 +156,16 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         validate_names(cfg)
-        self.device = resolve_device(cfg.train.device)
+        self.dist = init_distributed(resolve_device(cfg.train.device))  # torchrun: one process per rank
+        self.device = self.dist.device
         seed_everything(cfg.train.seed)
-        self.scenario = scenario or build_scenario(cfg.data)
+        every = cfg.train.checkpoint_every_steps
+        if every is not None and every < 1:
+            raise ValueError(f"train.checkpoint_every_steps must be >= 1 (or null), got {every}")
+        self.scenario = validate_scenario(scenario) if scenario is not None else build_scenario(cfg.data)
+        require_nonempty(self.scenario, "train", "val")
         self.tasks = self.scenario.tasks
-        self.loaders = make_loaders(self.scenario, cfg.data, cfg.train.seed)
+        self.loaders = shard_loaders(make_loaders(self.scenario, cfg.data, cfg.train.seed), self.dist)
         seed_everything(cfg.train.seed)
         self.model: MultiTaskModel = build_model(self.scenario, cfg.model).to(self.device)
         t = self.scenario.num_tasks
@@ -132,11 +185,19 @@ class Trainer:
         ids = {id(p) for p in shared}
         self.shared_params = shared
         self.task_params = [p for p in params if id(p) not in ids]
+        self.params = params
+        # DDP (docs/distributed.md): loss-based methods use DDP's gradient hooks; gradient methods back-propagate
+        # several times, so their forward runs under no_sync and every gradient is averaged after the step
+        self.ddp = wrap_ddp(self.model, self.dist) if self.dist.enabled else None
+        self._manual_sync = self.ddp is not None and self.method.needs != "losses"
         self.epoch = 0
         self.step = 0
         self.best_score = -math.inf
         self.best_epoch = -1
         self.history: list[dict[str, Any]] = []
+        self.batch_in_epoch = 0  # batches of epoch ``self.epoch`` already trained (a mid-epoch checkpoint)
+        self._epoch_loss: tuple[Tensor, Tensor] | None = None  # per-task loss sums/counts of those batches
+        self.skipped_steps = 0
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def _steps_per_epoch(self) -> int:
@@ -162,16 +223,24 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "history": self.history,
             "rng": rng_state(),
+            "position": {"epoch": self.epoch, "batch": self.batch_in_epoch},
+            "epoch_loss": list(self._epoch_loss) if self._epoch_loss is not None else None,
+            "skipped_steps": self.skipped_steps,
         }
 
     def load_state(self, ckpt: dict[str, Any], training: bool = True) -> None:
-        saved = ckpt["config"]
-        mine = self.cfg.to_dict()
-        for section in ("data", "model"):
-            if saved.get(section) != mine.get(section):
-                raise ValueError(f"checkpoint was written with another {section} config; it cannot be loaded here")
-        self.model.load_state_dict(ckpt["model"])
-        self.method.load_state_dict(ckpt["method"])
+        """Load a checkpoint (``load_checkpoint``'s dict): the model and method, and with ``training`` the
+        optimizer, scheduler, counters, sampler position and RNG states. A checkpoint of another data/model
+        config (or whose tensors do not fit this model) is a ValueError listing the differences."""
+        where = ckpt.get("path", "checkpoint")
+        saved, mine = ckpt["config"], self.cfg.to_dict()
+        diffs = config_diff({k: saved.get(k) for k in ("data", "model")}, {k: mine[k] for k in ("data", "model")})
+        if diffs:
+            sections = sorted({d.split(".", 1)[0] for d in diffs})
+            raise ValueError(f"checkpoint {where} was written with another {' and '.join(sections)} config; it "
+                             f"cannot be loaded here. Differences (checkpoint -> now): {'; '.join(diffs)}")
+        _load_tensors(self.model, ckpt["model"], f"checkpoint {where}", "model")
+        _load_tensors(self.method, ckpt["method"], f"checkpoint {where}", "method")
         if training:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             if self.scheduler is not None and ckpt["scheduler"] is not None:
@@ -180,13 +249,37 @@ class Trainer:
             self.best_score, self.best_epoch = ckpt["best_score"], ckpt["best_epoch"]
             self.history = list(ckpt["history"])
             set_rng_state(ckpt["rng"])
+            position = ckpt.get("position") or {"epoch": self.epoch, "batch": 0}
+            self.batch_in_epoch = int(position["batch"]) if int(position["epoch"]) == self.epoch else 0
+            loss = ckpt.get("epoch_loss")
+            self._epoch_loss = (loss[0], loss[1]) if loss is not None and self.batch_in_epoch else None
+            self.skipped_steps = int(ckpt.get("skipped_steps", 0))
+            changed = [d for d in config_diff({k: saved.get(k) for k in ("train", "optim")},
+                                              {k: mine[k] for k in ("train", "optim")})
+                       if d.split(":", 1)[0] not in RESUME_FREE_KEYS]
+            if changed:
+                warnings.warn(f"resuming {where} with changed settings ({'; '.join(changed)}): the result will "
+                              "differ from an uninterrupted run", RuntimeWarning, stacklevel=2)
 
-    def resume(self) -> None:
-        self.load_state(load_checkpoint(self.ckpt_dir / "last.pt"))
+    def resume(self) -> Path:
+        """Continue from the run directory's ``last`` checkpoint (the previous one, with a warning, if the newest
+        is corrupt); returns the file loaded."""
+        ckpt = load_latest(self.run_dir)
+        self.load_state(ckpt)
+        return Path(ckpt["path"])
+
+    def save(self, which: str | tuple[str, ...] = "last") -> list[Path]:
+        """Write the current state as checkpoint(s) ``which`` ("last", "best") of the run directory; under DDP
+        only rank 0 writes (and returns the paths) and every rank waits until the files are in place."""
+        paths = save_checkpoint(self.state(), self.run_dir, which) if self.dist.is_main else []
+        self.dist.barrier()
+        return paths
 
     # -- steps ---------------------------------------------------------------------------------------
-    def _forward_losses(self, x: Tensor, y: Any, t: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor], Any]:
-        outputs = self.model(x, t)
+    def _forward_losses(self, x: Tensor, y: Any, t: Tensor,
+                        outputs: dict[int, Tensor] | None = None) -> tuple[dict[int, Tensor], dict[int, Tensor], Any]:
+        if outputs is None:
+            outputs = self.model(x, t)
         rows = None if self.model.single_input else task_rows(t, len(self.tasks))
         targets = split_targets(self.tasks, y, rows)
         losses = {k: task_loss(self.tasks[k], out, targets[k]) for k, out in outputs.items()}
@@ -196,34 +289,60 @@ class Trainer:
         self.model.train()
         self.method.train()
         loader = self.loaders["train"]
-        _set_epoch(loader, self.epoch)
-        sums = torch.zeros(len(self.tasks), dtype=torch.float64)
-        counts = torch.zeros(len(self.tasks), dtype=torch.float64)
+        first = self.batch_in_epoch
+        set_loader_position(loader, self.epoch, first)
+        if self._epoch_loss is not None:
+            sums, counts = (v.clone() for v in self._epoch_loss)
+        else:
+            sums = torch.zeros(len(self.tasks), dtype=torch.float64)
+            counts = torch.zeros(len(self.tasks), dtype=torch.float64)
         amp = self.cfg.train.amp and self.device.type == "cuda"
-        for i, (x, y, t) in enumerate(loader):
+        every = self.cfg.train.checkpoint_every_steps
+        for i, (x, y, t) in enumerate(loader if first < self.steps_per_epoch else (), start=first):
             if i >= self.steps_per_epoch:
                 break
             x, y, t = _to(x, self.device), _to(y, self.device), _to(t, self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                outputs, losses, targets = self._forward_losses(x, y, t)
-                extra = self.model.extra_loss()
+            buffers = ([b.detach().clone() for b in self.model.buffers()]
+                       if self.cfg.train.on_nonfinite == "skip" else None)  # to undo a skipped step's BN stats
+            sync = self.ddp.no_sync() if self._manual_sync else nullcontext()
+            with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                if self.ddp is not None:  # DDP: forward and extra loss (TwD on the global batch's codes) together
+                    outs, extra = self.ddp(x, t, self.dist.gather_rows)
+                    outputs, losses, targets = self._forward_losses(x, y, t, outputs=outs)
+                else:
+                    outputs, losses, targets = self._forward_losses(x, y, t)
+                    extra = self.model.extra_loss()
+            losses = self.dist.global_losses(losses, targets, self.tasks)  # DDP: global-batch means
             vals = torch.stack([v.detach().float() for v in losses.values()])
             if not bool(torch.isfinite(vals).all()):
                 bad = [self.tasks[k].name for k, v in losses.items() if not torch.isfinite(v.detach())]
                 if self.cfg.train.on_nonfinite == "skip":
+                    if self.ddp is not None and not self._manual_sync:  # DDP waits for the backward of a forward
+                        torch.stack([v.float() for v in losses.values()]).sum().mul(0.0).backward()
                     self.optimizer.zero_grad(set_to_none=True)
+                    for b, old in zip(self.model.buffers(), buffers or [], strict=True):
+                        b.copy_(old)
                     self.step += 1
+                    self.skipped_steps += 1
+                    warnings.warn(f"skipped step {self.step - 1} (epoch {self.epoch}, batch {i}): non-finite loss "
+                                  f"for task(s) {', '.join(bad)} (train.on_nonfinite=skip)", RuntimeWarning,
+                                  stacklevel=2)
                     continue
-                last = self.ckpt_dir / "last.pt"
+                last = checkpoint_path(self.run_dir, "last")
                 raise NonFiniteLossError(
-                    f"non-finite loss at epoch {self.epoch} step {self.step} for task(s) {bad}; last good "
-                    f"checkpoint: {last if last.exists() else 'none'} (set train.on_nonfinite=skip to skip such steps)"
+                    f"non-finite loss at epoch {self.epoch} step {self.step} (batch {i}) for task(s) "
+                    f"{', '.join(bad)}; last good checkpoint: {last if last.exists() else 'none'} "
+                    "(resume from it with `mola train --resume`, or set train.on_nonfinite=skip to skip such steps)"
                 )
             ctx = StepContext(model=self.model, shared_params=self.shared_params, task_params=self.task_params,
                               task_ids=t, num_tasks=len(self.tasks), features=self.model.features,
-                              outputs=outputs, targets=targets, extra_loss=extra, epoch=self.epoch, step=self.step)
+                              outputs=outputs, targets=targets, extra_loss=extra, epoch=self.epoch, step=self.step,
+                              dist=self.dist if self.dist.enabled else None)
             self.optimizer.zero_grad(set_to_none=True)
             self.method.backward(losses, ctx)
+            if self.ddp is not None:  # DDP averaged the model's gradients, except under no_sync
+                self.dist.average_gradients(self.params if self._manual_sync
+                                            else [p for p in self.method.parameters() if p.requires_grad])
             if self.cfg.optim.grad_clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
             self.optimizer.step()
@@ -236,6 +355,10 @@ class Trainer:
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{float(vals.sum()):.3f}")
+            if every and self.step % every == 0 and i + 1 < self.steps_per_epoch:
+                self.batch_in_epoch, self._epoch_loss = i + 1, (sums, counts)
+                self.save("last")
+        self.batch_in_epoch, self._epoch_loss = 0, None
         means = {k: float(sums[k] / counts[k]) for k in range(len(self.tasks)) if counts[k] > 0}
         self.method.on_epoch_end(self.epoch, means)
         return means
@@ -255,6 +378,9 @@ class Trainer:
                 n = out.shape[0]
                 loss_sum[k] += float(losses[k]) * n
                 loss_n[k] += n
+        if self.dist.enabled:  # DDP: each rank saw a slice of the split; merge them (same results on every rank)
+            meters = self.dist.merge_meters(meters)
+            loss_sum, loss_n = self.dist.all_reduce_sum(loss_sum), self.dist.all_reduce_sum(loss_n)
         results = {}
         for k, task in enumerate(self.tasks):
             if loss_n[k] == 0:
@@ -283,11 +409,15 @@ class Trainer:
         """Train for the configured epochs (from the current epoch on), write metrics, checkpoints, final.json."""
         from tqdm.auto import tqdm
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(self.cfg, self.run_dir / "config.yaml")
-        writer = _tensorboard(self.run_dir) if self.cfg.train.tensorboard else None
+        main = self.dist.is_main  # under DDP only rank 0 writes files (docs/distributed.md)
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(self.run_dir)
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+        writer = _tensorboard(self.run_dir) if self.cfg.train.tensorboard and main else None
         total = self.cfg.train.epochs
-        with tqdm(total=(total - self.epoch) * self.steps_per_epoch, disable=not self.cfg.train.progress,
+        with tqdm(total=max(0, (total - self.epoch) * self.steps_per_epoch - self.batch_in_epoch),
+                  disable=not (self.cfg.train.progress and main),
                   desc=self.cfg.name, unit="step") as bar:
             while self.epoch < total:
                 start = time.perf_counter()
@@ -301,14 +431,13 @@ class Trainer:
                 row.update({f"val/{tn}/{m}": v for tn, r in val.items() for m, v in r.items()})
                 self.history.append(row)
                 self.epoch += 1
-                improved = score > self.best_score
+                improved = score > self.best_score or self.best_epoch < 0  # a NaN score still gives a best
                 if improved:
-                    self.best_score, self.best_epoch = score, self.epoch - 1
-                state = self.state()
-                atomic_save(state, self.ckpt_dir / "last.pt")
-                if improved:
-                    atomic_save(state, self.ckpt_dir / "best.pt")
-                self._write_metrics()
+                    self.best_score = -math.inf if math.isnan(score) else score
+                    self.best_epoch = self.epoch - 1
+                self.save(("last", "best") if improved else "last")
+                if main:
+                    self._write_metrics()
                 if writer is not None:
                     for k, v in row.items():
                         if isinstance(v, (int, float)) and k not in ("epoch", "step"):
@@ -333,8 +462,13 @@ class Trainer:
         """Evaluate the last and the best (by val) checkpoints; write final.json."""
         last_val = self.evaluate("val")
         last_test = self.evaluate("test") if self.cfg.train.eval_test else {}
-        best = load_checkpoint(self.ckpt_dir / "best.pt")
+        best = load_checkpoint(checkpoint_path(self.run_dir, "best"))
         self.model.load_state_dict(best["model"])
+        from mola.task_inference import write_run_centroids  # MoLA-Router: task centroids of z, for `mola predict`
+
+        write_run_centroids(self.model, self.scenario.train, [t.name for t in self.tasks], self.run_dir,
+                            self.cfg.data.eval_batch_size, self.device, self.cfg.train.seed,
+                            {"checkpoint": "best", "best_epoch": self.best_epoch}, self.scenario.val)
         val = self.evaluate("val")
         test = self.evaluate("test") if self.cfg.train.eval_test else {}
         final: dict[str, Any] = {
@@ -361,9 +495,10 @@ class Trainer:
             ref = {n: {primary[n]: single[n][primary[n]]} for n in mine}
             final["delta_m"] = delta_m(mine, ref)
             final["delta_p"] = delta_p(mine, ref)
-        tmp = self.run_dir / ".final.json.tmp"
-        tmp.write_text(json.dumps(final, indent=2, default=float))
-        tmp.replace(self.run_dir / "final.json")
+        if self.dist.is_main:
+            tmp = self.run_dir / ".final.json.tmp"
+            tmp.write_text(json.dumps(final, indent=2, default=float))
+            tmp.replace(self.run_dir / "final.json")
         # leave the model at the best checkpoint, as evaluated
         return final
 

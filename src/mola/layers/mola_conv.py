@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,6 +17,9 @@ class MoLAConv2d(MoLALayer):
 
     ``layout="kernel"``: A_e (r*kh, (Ci/g)*kw), B_e (Co*kh, r*kh), dW_e = view(B_e @ A_e, W0.shape).
     ``layout="factorized"``: A_e a conv Ci -> r with the base kernel, B_e a 1x1 conv r -> Co (groups must be 1).
+    All A_e are stored stacked as one 4-D conv weight ``lora_A`` (E*r, Ci, kh, kw) (rows e*r .. e*r+r-1 are
+    A_e, peft's per-task lora_A conv layout), so ``model.to(memory_format=torch.channels_last)`` works;
+    ``lora_B`` is (E, Co, r).
     """
 
     base_layer: nn.Conv2d
@@ -44,14 +50,36 @@ class MoLAConv2d(MoLALayer):
             self.lora_A = nn.Parameter(torch.empty(e, r * kh, ci_g * kw, device=dev, dtype=dt))
             self.lora_B = nn.Parameter(torch.zeros(e, co * kh, r * kh, device=dev, dtype=dt))
         else:
-            self.lora_A = nn.Parameter(torch.empty(e, r, ci_g, kh, kw, device=dev, dtype=dt))
+            self.lora_A = nn.Parameter(torch.empty(e * r, ci_g, kh, kw, device=dev, dtype=dt))
             self.lora_B = nn.Parameter(torch.zeros(e, co, r, device=dev, dtype=dt))
         self.reset_adapters()
 
+    def expert_A(self) -> Tensor:
+        """A per expert as (E, r*kh, (Ci/g)*kw) (kernel) or (E, r, Ci*kh*kw) (factorized; a copy if channels_last)."""
+        if self.layout == "kernel":
+            return self.lora_A
+        return self.lora_A.reshape(self.num_experts, self.rank, -1)
+
+    def reset_adapters(self) -> None:
+        """A kaiming-uniform(a=sqrt 5) per expert (fan-in of one A_e), B = 0."""
+        if self.layout == "kernel":
+            super().reset_adapters()
+            return
+        with torch.no_grad():
+            for a in self.lora_A.view(self.num_experts, self.rank, *self.lora_A.shape[1:]):
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_B.zero_()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Factorized lora_A saved before the 4-D storage was (E, r, Ci, kh, kw): the same numbers, reshaped.
+        key = prefix + "lora_A"
+        old = state_dict.get(key)
+        if self.layout == "factorized" and isinstance(old, Tensor) and old.dim() == 5:
+            state_dict[key] = old.reshape(self.lora_A.shape) if old.numel() == self.lora_A.numel() else old
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _factors(self, experts: Tensor) -> tuple[Tensor, Tensor]:
-        a, b = self.lora_A.index_select(0, experts), self.lora_B.index_select(0, experts)
-        return b, (a if self.layout == "kernel" else a.flatten(2))
+        return self.lora_B.index_select(0, experts), self.expert_A().index_select(0, experts)
 
     def lowrank_cost_ratio(self) -> float:
         co, ci_g, kh, kw = self.weight.shape
@@ -66,13 +94,10 @@ class MoLAConv2d(MoLALayer):
         return extra / base
 
     def delta_weights(self, experts: Tensor | None = None) -> Tensor:
-        a, b = self.lora_A, self.lora_B
+        a, b = self.expert_A(), self.lora_B
         if experts is not None:
             a, b = a.index_select(0, experts), b.index_select(0, experts)
-        n = a.shape[0]
-        if self.layout == "kernel":
-            return torch.bmm(b, a).view(n, *self.weight.shape)
-        return torch.bmm(b, a.flatten(2)).view(n, *self.weight.shape)
+        return torch.bmm(b, a).view(a.shape[0], *self.weight.shape)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, padded: bool = False) -> Tensor:
         c = self.base_layer
@@ -91,7 +116,7 @@ class MoLAConv2d(MoLALayer):
         co, ci_g, kh, kw = self.weight.shape
         g = self.base_layer.groups
         if self.layout == "factorized":
-            z = self._conv(x, self.lora_A.reshape(e * r, ci_g, kh, kw), None, 1)
+            z = self._conv(x, self.lora_A, None, 1)
             z = (z.view(bsz, e, r, *z.shape[2:]) * w.to(z.dtype).view(bsz, e, 1, 1, 1)).flatten(1, 2)
             b_all = self.lora_B.permute(1, 0, 2).reshape(co, e * r, 1, 1)
             return F.conv2d(z, b_all)

@@ -8,12 +8,35 @@ per-task losses become gradients; it never touches the optimizer, the data or th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from mola.registry import Registry
+
+
+class Collectives(Protocol):
+    """What a method may use of the Trainer's distributed context (``mola.engine.distributed.DistContext``)."""
+
+    rank: int
+    world_size: int
+
+    def all_reduce_sum(self, x: Tensor) -> Tensor:
+        """Sum of ``x`` over ranks (a new tensor)."""
+        ...
+
+    def broadcast_(self, x: Tensor, src: int = 0) -> Tensor:
+        """Overwrite ``x`` in place with rank ``src``'s value."""
+        ...
+
+    def gather_rows(self, x: Tensor) -> Tensor:
+        """Rows of every rank concatenated in rank order, autograd-aware."""
+        ...
+
+    def row_counts(self, n: int) -> list[int]:
+        """Every rank's number of local rows."""
+        ...
 
 
 @dataclass
@@ -25,6 +48,10 @@ class StepContext:
     ``features``: the shared representation the heads read (for "-UB" methods), part of the graph.
     ``outputs`` / ``targets``: per-task predictions and targets of the present tasks, rows aligned.
     ``extra_loss``: a term added to the objective that is not a task loss (lambda * TwD in router mode).
+    ``dist``: under DDP (docs/distributed.md) the collectives of the run, else None. The losses are then global
+    (value: the global batch's mean, identical on every rank) but their gradients reach only this rank's rows,
+    and DDP averages the model's gradients after ``backward``; methods that read gradients or draw random
+    numbers use ``dist`` to agree across ranks.
     """
 
     model: nn.Module
@@ -38,6 +65,7 @@ class StepContext:
     extra_loss: Tensor | None = None
     epoch: int = 0
     step: int = 0
+    dist: Collectives | None = None
 
 
 class Method(nn.Module):

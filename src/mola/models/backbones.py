@@ -4,10 +4,10 @@ dense mode, a vector (B, C) for MLPs and ViTs otherwise; ``out_dim`` is C. Weigh
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -16,16 +16,22 @@ from torch import Tensor, nn
 from mola.layers.router import BasicBlock
 from mola.registry import Registry
 
+if TYPE_CHECKING:
+    from torchvision.models import ResNet
+    from torchvision.models.resnet import BasicBlock as TVBasicBlock
+
 
 @dataclass
 class BackboneConfig:
     """Which backbone and how to build it; ``weights`` is a local state-dict file (never downloaded)."""
 
-    name: str = "small_cnn"
-    weights: str | None = None
-    dilated: bool | None = None
-    small_input: bool | None = None
-    width: int = 32
+    name: str = "small_cnn"  # small_cnn, resnet18, resnet50, mlp, vit_small or timm:<model name>
+    weights: str | None = None  # local state-dict file to initialise from (classifier keys skipped)
+    dilated: bool | None = None  # keep resolution in the last stages (null: only for dense tasks)
+    small_input: bool | None = None  # ResNet 3x3 stem without max-pool (null: when the input side <= 64)
+    width: int = 32  # small_cnn base width; mlp hidden sizes 16w, 8w; vit_small dim 4w
+    #: builder options: mlp {hidden, dropout, norm: batch|none}; vit_small {patch, dim, depth, heads, mlp_ratio};
+    #: timm:<name> keyword arguments of timm.create_model
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -57,7 +63,7 @@ class ResNetBackbone(nn.Module):
 
     output = "map"
 
-    def __init__(self, net: nn.Module, in_channels: int, small_input: bool) -> None:
+    def __init__(self, net: ResNet, in_channels: int, small_input: bool) -> None:
         super().__init__()
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -75,7 +81,7 @@ class ResNetBackbone(nn.Module):
 
 def _dilate_basic_stage(stage: nn.Sequential, dilation: int) -> None:
     """Make a BasicBlock stage keep resolution: stride 1, dilated 3x3 convs (torchvision only does Bottleneck)."""
-    for block in stage:
+    for block in cast("Iterable[TVBasicBlock]", stage):
         for conv in (block.conv1, block.conv2):
             conv.stride, conv.dilation, conv.padding = (1, 1), (dilation, dilation), (dilation, dilation)
         if block.downsample is not None:
@@ -114,6 +120,10 @@ class SmallCNN(nn.Module):
     """A 4-stage residual CNN (one block per stage, widths w, 2w, 4w, 8w) for 28-64 px inputs."""
 
     output = "map"
+    layer1: BasicBlock
+    layer2: BasicBlock
+    layer3: BasicBlock
+    layer4: BasicBlock
 
     def __init__(self, in_channels: int, width: int = 32, dilated: bool = False) -> None:
         super().__init__()
@@ -143,17 +153,19 @@ def _small_cnn(input_shape: tuple[int, ...], cfg: BackboneConfig, dense: bool) -
 
 
 class MLP(nn.Module):
-    """Feature-vector backbone: stages ``layer1..layerN`` of Linear-BN-ReLU-Dropout."""
+    """Feature-vector backbone: stages ``layer1..layerN`` of Linear-BN-ReLU-Dropout (``norm="none"``: no BN)."""
 
     output = "vector"
 
-    def __init__(self, in_features: int, hidden: list[int], dropout: float = 0.1) -> None:
+    def __init__(self, in_features: int, hidden: list[int], dropout: float = 0.1, norm: str = "batch") -> None:
         super().__init__()
+        if norm not in ("batch", "none"):
+            raise ValueError(f"mlp backbone: unknown norm {norm!r}; accepted: 'batch', 'none'")
         cin = in_features
         self.mola_stages = []
         for i, h in enumerate(hidden, start=1):
-            setattr(self, f"layer{i}", nn.Sequential(nn.Linear(cin, h), nn.BatchNorm1d(h), nn.ReLU(),
-                                                     nn.Dropout(dropout)))
+            bn: nn.Module = nn.BatchNorm1d(h) if norm == "batch" else nn.Identity()
+            setattr(self, f"layer{i}", nn.Sequential(nn.Linear(cin, h), bn, nn.ReLU(), nn.Dropout(dropout)))
             self.mola_stages.append(f"layer{i}")
             cin = h
         self.out_dim = cin
@@ -170,7 +182,8 @@ def _mlp(input_shape: tuple[int, ...], cfg: BackboneConfig, dense: bool) -> nn.M
     if dense:
         raise ValueError("the mlp backbone cannot serve dense (per-pixel) tasks; use a conv backbone")
     hidden = list(cfg.options.get("hidden", [16 * cfg.width, 8 * cfg.width]))
-    net = MLP(int(torch.tensor(input_shape).prod()), hidden, float(cfg.options.get("dropout", 0.1)))
+    net = MLP(int(torch.tensor(input_shape).prod()), hidden, float(cfg.options.get("dropout", 0.1)),
+              str(cfg.options.get("norm", "batch")))
     if cfg.weights:
         load_local_weights(net, cfg.weights)
     return net
@@ -237,7 +250,7 @@ class SmallViT(nn.Module):
         self.output = "map" if dense else "vector"
 
     def forward(self, x: Tensor) -> Tensor:
-        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
+        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # type: ignore[operator]
         tokens = self.norm(self.blocks(tokens))
         if self.dense:
             return tokens.transpose(1, 2).reshape(x.shape[0], -1, *self.grid)
@@ -261,7 +274,7 @@ def _vit_small(input_shape: tuple[int, ...], cfg: BackboneConfig, dense: bool) -
 class TimmBackbone(nn.Module):
     """Any timm model by name (``timm:<name>``), classifier removed; maps for CNNs, pooled tokens for ViTs."""
 
-    def __init__(self, net: nn.Module, dense: bool) -> None:
+    def __init__(self, net: Any, dense: bool) -> None:  # net: a timm model (untyped nn.Module)
         super().__init__()
         self.net = net
         self.out_dim = int(net.num_features)

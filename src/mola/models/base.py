@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from mola.config_utils import from_dict
 from mola.data.base import Heterogeneity, TaskInfo
 from mola.inject import MoLAConfig
-from mola.models.backbones import BackboneConfig
+from mola.models.backbones import MLP, BackboneConfig, SmallViT
 from mola.models.heads import make_head
 from mola.registry import Registry
 
@@ -28,11 +28,11 @@ from mola.registry import Registry
 class ModelConfig:
     """Architecture by name, its backbone, MoLA settings (arch ``mola``) and arch-specific options."""
 
-    arch: str = "mola"
+    arch: str = "mola"  # architecture (`mola list`): mola, hps, single_task, mmoe, ...
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     mola: MoLAConfig = field(default_factory=MoLAConfig)
-    options: dict[str, Any] = field(default_factory=dict)
-    head_hidden: int = 128
+    options: dict[str, Any] = field(default_factory=dict)  # options of the architecture (see its Options)
+    head_hidden: int = 128  # hidden channels of the dense (segmentation/depth/normal) heads
 
 
 def task_rows(task_ids: Tensor, num_tasks: int) -> dict[int, Tensor]:
@@ -43,11 +43,19 @@ def task_rows(task_ids: Tensor, num_tasks: int) -> dict[int, Tensor]:
     return {t: torch.nonzero(task_ids == t).squeeze(1) for t, c in enumerate(counts) if c > 0}
 
 
+def _check_inputs_hook(module: MultiTaskModel, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    x = args[0] if args else kwargs.get("x")
+    task_ids = args[1] if len(args) > 1 else kwargs.get("task_ids")
+    module.check_inputs(x, task_ids)
+
+
 class MultiTaskModel(nn.Module):
     """Base of every architecture. Subclasses set ``self.heads`` and implement ``forward``."""
 
     #: parameter groups that belong to a single task (never aggregated by gradient methods)
     task_specific_groups: tuple[str, ...] = ("heads", "adapters", "towers")
+    #: the task heads (one per task, or one shared); set by every subclass, usually via ``make_heads``
+    heads: nn.ModuleList
 
     def __init__(self, tasks: list[TaskInfo], heterogeneity: Heterogeneity, shared_head: bool,
                  input_shape: tuple[int, ...]) -> None:
@@ -59,6 +67,48 @@ class MultiTaskModel(nn.Module):
         self.input_shape = tuple(input_shape)
         self.features: Tensor | None = None
         self.feature_dim: int | None = None
+        self._fixed_input_size: bool | None = None
+        self.register_forward_pre_hook(_check_inputs_hook, with_kwargs=True)
+
+    def check_inputs(self, x: Any, task_ids: Any) -> None:
+        """Raise a ValueError naming the problem when ``(x, task_ids)`` cannot be what this model was built for:
+        wrong input rank, channel count or (for fixed-size backbones: MLP, ViT) size; task ids that are not a
+        (B,) integer tensor or are out of range. Runs before every forward (a pre-hook)."""
+        if not isinstance(x, Tensor):
+            raise ValueError(f"model input must be a torch.Tensor, got {type(x).__name__}")
+        want = self.input_shape
+        shape = tuple(x.shape)
+        expected = f"(B, {', '.join(map(str, want))})"
+        if x.dim() != len(want) + 1:
+            raise ValueError(f"model input has shape {shape}, but this {type(self).__name__} was built for "
+                             f"{len(want) + 1}-d inputs {expected}")
+        if len(want) == 3 and shape[1] != want[0]:
+            raise ValueError(f"model input has {shape[1]} channel(s) (shape {shape}), but the backbone was built "
+                             f"for {want[0]} channel(s) {expected}; set data.channels or convert the images")
+        if shape[1:] != want and (len(want) != 3 or self._fixed_size()):
+            raise ValueError(f"model input has shape {shape}, but the backbone only takes inputs {expected} "
+                             f"(fixed input size); set data.image_size or resize the inputs")
+        if task_ids is None and self.single_input:
+            return
+        if not isinstance(task_ids, Tensor):
+            raise ValueError(f"task_ids must be a torch.Tensor of shape ({shape[0]},), got {type(task_ids).__name__}")
+        if task_ids.dtype.is_floating_point or task_ids.dtype == torch.bool or task_ids.is_complex():
+            raise ValueError(f"task_ids must be an integer tensor, got dtype {task_ids.dtype}")
+        if tuple(task_ids.shape) != (shape[0],):
+            raise ValueError(f"task_ids must have shape ({shape[0]},) to match the batch, got {tuple(task_ids.shape)}")
+        if task_ids.numel() and not torch.compiler.is_compiling():
+            lo, hi = (int(v) for v in torch.aminmax(task_ids))
+            low = -1 if self.single_input else 0
+            if lo < low or hi >= self.num_tasks:
+                bad = lo if lo < low else hi
+                names = ", ".join(t.name for t in self.tasks)
+                raise ValueError(f"task id {bad} out of range [{low}, {self.num_tasks}) for the {self.num_tasks} "
+                                 f"task(s) of this model ({names})")
+
+    def _fixed_size(self) -> bool:
+        if self._fixed_input_size is None:
+            self._fixed_input_size = any(isinstance(m, (MLP, SmallViT)) for m in self.modules())
+        return self._fixed_input_size
 
     @property
     def single_input(self) -> bool:
@@ -90,8 +140,11 @@ class MultiTaskModel(nn.Module):
     def forward(self, x: Tensor, task_ids: Tensor) -> dict[int, Tensor]:
         raise NotImplementedError
 
-    def extra_loss(self) -> Tensor | None:
-        """A non-task loss term of the last forward (MoLA-Router's lambda * TwD), or None."""
+    def extra_loss(self, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
+        """A non-task loss term of the last forward (MoLA-Router's lambda * TwD), or None.
+
+        ``gather`` (under DDP) maps a per-sample tensor of this process to the rows of the whole global batch,
+        autograd-aware; terms that compare samples with each other (TwD) compute on the gathered rows."""
         return None
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -110,7 +163,17 @@ class MultiTaskModel(nn.Module):
 
 
 BackboneFactory = Callable[[], nn.Module]
-ARCHS: Registry[type[MultiTaskModel]] = Registry("arch")
+
+
+class ArchBuilder(Protocol):
+    """What ``ARCHS`` holds: a MultiTaskModel subclass, called as ``cls(backbone, tasks, heterogeneity,
+    shared_head, input_shape, cfg)`` by ``build_model``."""
+
+    def __call__(self, backbone: BackboneFactory, tasks: list[TaskInfo], heterogeneity: Heterogeneity,
+                 shared_head: bool, input_shape: tuple[int, ...], cfg: ModelConfig, /) -> MultiTaskModel: ...
+
+
+ARCHS: Registry[ArchBuilder] = Registry("arch")
 
 
 def parse_options(options_cls: type, options: dict[str, Any], arch: str) -> Any:
@@ -124,10 +187,10 @@ def parse_options(options_cls: type, options: dict[str, Any], arch: str) -> Any:
 def num_parameters(model: nn.Module) -> dict[str, int]:
     """Parameter counts by part (backbone, adapters, router, lift, heads, ...) and ``total``."""
     if hasattr(model, "parameter_groups"):
-        groups = model.parameter_groups()
+        groups = model.parameter_groups()  # type: ignore[operator]  # duck-typed (nn.Module.__getattr__)
         out = {k: sum(p.numel() for p in v) for k, v in groups.items()}
     elif hasattr(model, "num_parameters"):
-        return model.num_parameters()
+        return model.num_parameters()  # type: ignore[operator]  # duck-typed (nn.Module.__getattr__)
     else:
         out = {"backbone": sum(p.numel() for p in model.parameters())}
     out["total"] = sum(out.values())

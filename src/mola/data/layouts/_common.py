@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mola.data.base import ALL_TASKS, TaskDataset
+from mola.data.base import ALL_TASKS, TaskDataset, as_int64
 from mola.data.config import DataConfig
 from mola.data.transforms import ImageFileTransform
 
@@ -148,8 +148,8 @@ class ImageFileDataset(TaskDataset):
         if not (len(paths) == len(labels) == len(task_ids)):
             raise ValueError("paths, labels and task ids differ in length")
         self.paths = [str(p) for p in paths]
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.task_ids = np.asarray(task_ids, dtype=np.int64)
+        self.labels = as_int64(labels, "labels")
+        self.task_ids = as_int64(task_ids, "task ids")
         self.transform = transform
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:

@@ -7,6 +7,13 @@ One step: build G (T_present x D) of the present tasks' gradients w.r.t. the sha
 losses, and add the gradient of ``ctx.extra_loss`` on top. Cost: one backward pass per present task (with
 ``retain_graph=True``) plus one for the task-specific parameters (plus one for ``extra_loss``, one more for
 "-UB" to carry the direction from the representation into the shared parameters).
+
+Under DDP (``ctx.dist``, docs/distributed.md) the Trainer runs this without DDP's gradient hooks and averages
+every gradient over the ranks afterwards. G is made global first: the shared parameters' per-task gradients
+are summed over ranks (divided by the world size, as the losses carry a ``world_size`` factor); for "-UB" the
+ranks' representation gradients are concatenated (rank order), the direction is computed on the whole batch
+and each rank back-propagates its own rows (times the world size). The direction is then broadcast from rank
+0, so random or iterative aggregators give one update on every rank.
 """
 
 from __future__ import annotations
@@ -86,7 +93,19 @@ class GradientMethod(Method):
         else:
             wrt = list(shared)
         G = torch.stack([flat_grads(losses[t], wrt) for t in tasks])
+        dist = ctx.dist
+        rows: tuple[int, int] | None = None
+        if dist is not None and rep:
+            counts = dist.row_counts(G.shape[1])
+            rows = (sum(counts[:dist.rank]), counts[dist.rank])
+            G = dist.gather_rows(G.T.contiguous()).T / dist.world_size
+        elif dist is not None:
+            G = dist.all_reduce_sum(G) / dist.world_size
         d = self.direction(G, tasks, [losses[t] for t in tasks]).to(G.dtype)
+        if dist is not None:
+            d = dist.broadcast_(d.contiguous())
+            if rows is not None:
+                d = d[rows[0]:rows[0] + rows[1]] * dist.world_size
         if rep:
             feats = ctx.features
             grads = torch.autograd.grad(feats, shared, grad_outputs=d.view_as(feats).to(feats.dtype),

@@ -74,6 +74,8 @@ class GradDrop(GradientMethod):
     def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> dict[str, float]:
         feats = ctx.features
         self._batch_size = int(feats.shape[0]) if (self.batch_sum and feats is not None and feats.dim() > 1) else None
+        if self._batch_size is not None and ctx.dist is not None:  # DDP: G holds the rows of the global batch
+            self._batch_size = sum(ctx.dist.row_counts(self._batch_size))
         return super().backward(losses, ctx)
 
     def direction(self, G: Tensor, tasks: list[int], losses: list[Tensor]) -> Tensor:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mola.methods.base import WEIGHTINGS, Method, StepContext
+from mola.methods.base import WEIGHTINGS, Collectives, Method, StepContext
 
 WRT = ("features", "last_shared")
 
@@ -28,6 +28,20 @@ def _grad_norm(loss: Tensor, target: Tensor) -> Tensor:
     """||d loss / d target|| (0 when the loss does not reach the target), detached."""
     (g,) = torch.autograd.grad(loss, target, retain_graph=True, allow_unused=True)
     return loss.new_zeros(()) if g is None else g.detach().norm()
+
+
+def _global_grad_norms(losses: list[Tensor], target: Tensor, per_row: bool, dist: Collectives) -> Tensor:
+    """Under DDP, the norms of the GLOBAL batch's gradients: the losses carry a world-size factor, so the global
+    gradient is the ranks' representation rows concatenated (``per_row``) or their mean (a shared parameter),
+    divided by the world size."""
+    rows = []
+    for loss in losses:
+        (g,) = torch.autograd.grad(loss, target, retain_graph=True, allow_unused=True)
+        rows.append(torch.zeros_like(target).reshape(-1) if g is None else g.detach().reshape(-1))
+    G = torch.stack(rows).double()
+    if per_row:
+        return dist.all_reduce_sum(G.pow(2).sum(dim=1)).sqrt() / dist.world_size
+    return (dist.all_reduce_sum(G) / dist.world_size).norm(dim=1)
 
 
 @WEIGHTINGS.register("gradnorm")
@@ -78,7 +92,11 @@ class GradNorm(Method):
                 init[idx[first].to(init.device)] = L.to(init)[first.to(L.device)]
         if len(tasks) > 1:
             target = self._target(ctx)
-            norms = torch.stack([_grad_norm(losses[t], target) for t in tasks]).to(w.dtype)
+            if ctx.dist is None:
+                norms = torch.stack([_grad_norm(losses[t], target) for t in tasks]).to(w.dtype)
+            else:
+                norms = _global_grad_norms([losses[t] for t in tasks], target, target is ctx.features,
+                                           ctx.dist).to(w)
             wp = w.index_select(0, idx)
             gw = wp * norms
             rate = L.to(w.dtype) / self.initial_losses.index_select(0, idx.to(init.device)).to(w)

@@ -27,6 +27,8 @@ class RLW(Method):
 
     def combine(self, losses: dict[int, Tensor], ctx: StepContext) -> Tensor:
         w = self.sample_weights()
+        if ctx.dist is not None:  # DDP: every rank weights the tasks with rank 0's draw
+            ctx.dist.broadcast_(w)
         self.last_weights = w
         return torch.stack([w[t].to(loss) * loss for t, loss in losses.items()]).sum()
 

@@ -18,10 +18,10 @@ class CGCOptions:
     """``num_shared`` shared experts, ``num_specific`` experts per task; ``expert_from_stage`` and
     ``gate_pool`` as in MMoE (a shared bottom of the first stages; the gates' pooled input)."""
 
-    num_shared: int = 2
-    num_specific: int = 1
-    expert_from_stage: int = 0
-    gate_pool: int = 4
+    num_shared: int = 2  # shared experts (run on every sample)
+    num_specific: int = 1  # experts per task (run on that task's samples)
+    expert_from_stage: int = 0  # backbone stages before this index form a shared bottom
+    gate_pool: int = 4  # gates read the expert input pooled to gate_pool x gate_pool (0: global)
 
 
 @ARCHS.register("cgc")

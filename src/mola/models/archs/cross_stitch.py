@@ -131,8 +131,8 @@ class CrossStitchOptions:
     """``alpha_self``: initial weight of a column on itself (the T-1 others share the rest equally);
     ``per_channel``: one T x T mixing matrix per channel (True) or one per stage (False)."""
 
-    alpha_self: float = 0.9
-    per_channel: bool = True
+    alpha_self: float = 0.9  # initial weight of a column on itself
+    per_channel: bool = True  # one T x T mixing matrix per channel (else one per stage)
 
 
 def stitch_init(num_tasks: int, channels: int, alpha_self: float) -> Tensor:

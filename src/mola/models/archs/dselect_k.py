@@ -10,6 +10,7 @@ code selects a real expert and q always sums to 1. The entropy of the r(z_i), we
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -69,13 +70,13 @@ class DSelectKOptions:
     the selector-entropy regulariser (``extra_loss``), ``per_example`` gates (else static per task);
     ``expert_from_stage`` and ``gate_pool`` as in MMoE."""
 
-    num_experts: int = 4
-    k: int = 2
-    gamma: float = 1.0
-    entropy_weight: float = 1e-3
-    per_example: bool = True
-    expert_from_stage: int = 0
-    gate_pool: int = 4
+    num_experts: int = 4  # experts shared by the tasks
+    k: int = 2  # selectors per task (at most k experts get weight)
+    gamma: float = 1.0  # width of the smooth step
+    entropy_weight: float = 1e-3  # weight of the selector-entropy regulariser
+    per_example: bool = True  # gates depend on the input (else one static gate per task)
+    expert_from_stage: int = 0  # backbone stages before this index form a shared bottom
+    gate_pool: int = 4  # gates read the expert input pooled to gate_pool x gate_pool (0: global)
 
 
 @ARCHS.register("dselect_k")
@@ -124,8 +125,9 @@ class DSelectK(MultiTaskModel):
         return {t: self.head(t)(mix(weights[t], experts if rows is None else experts[rows[t]]), size)
                 for t in present}
 
-    def extra_loss(self) -> Tensor | None:
-        """``entropy_weight`` times the mean selector entropy of the last forward (None when the weight is 0)."""
+    def extra_loss(self, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
+        """``entropy_weight`` times the mean selector entropy of the last forward (None when the weight is 0);
+        under DDP each process's own mean (``gather`` is not needed)."""
         if self.options.entropy_weight == 0 or self._entropy is None:
             return None
         return self.options.entropy_weight * self._entropy

@@ -26,11 +26,11 @@ class LTBOptions:
     design space); Gumbel temperature ``tau``, multiplied by exp(-anneal_rate) after every training forward
     down to ``tau_min`` (or set by ``set_temperature``); ``hard_train``: straight-through one-hot samples."""
 
-    branches: list[int] | None = None
-    tau: float = 5.0
-    tau_min: float = 0.5
-    anneal_rate: float = 1e-3
-    hard_train: bool = False
+    branches: list[int] | None = None  # nodes per stage (null: 1 for the first stage, T after)
+    tau: float = 5.0  # initial Gumbel-softmax temperature
+    tau_min: float = 0.5  # lowest temperature of the annealing
+    anneal_rate: float = 1e-3  # temperature multiplied by exp(-anneal_rate) per training forward
+    hard_train: bool = False  # straight-through one-hot samples in training
 
 
 @ARCHS.register("ltb")

@@ -69,9 +69,9 @@ class MMoEOptions:
     for conv nets) and makes experts copies of the rest (0: experts are full encoders, as in the paper);
     ``gate_pool``: gates read the experts' input average-pooled to gate_pool x gate_pool (0: global pool)."""
 
-    num_experts: int = 4
-    expert_from_stage: int = 0
-    gate_pool: int = 4
+    num_experts: int = 4  # experts shared by the tasks
+    expert_from_stage: int = 0  # backbone stages before this index form a shared bottom (0: none)
+    gate_pool: int = 4  # gates read the expert input pooled to gate_pool x gate_pool (0: global)
 
 
 @ARCHS.register("mmoe")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,11 +62,12 @@ class MoLANet(MultiTaskModel):
         self.features = feats
         return self.apply_heads(feats, task_ids, size)
 
-    def extra_loss(self) -> Tensor | None:
-        """lambda * TwD in router mode for multi-input/domain data (single-input samples share all tasks)."""
+    def extra_loss(self, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
+        """lambda * TwD in router mode for multi-input/domain data (single-input samples share all tasks);
+        with ``gather`` (DDP) over the codes of the whole global batch."""
         if self.mode != "router" or self.single_input or self.mola_config.twd_weight == 0:
             return None
-        return self.mola_config.twd_weight * self.encoder.twd_loss()
+        return self.mola_config.twd_weight * self.encoder.twd_loss(gather)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         adapters = list(self.encoder.adapter_parameters().values())

@@ -45,7 +45,7 @@ class _Carry(nn.Module):
 class MTANOptions:
     """``reduction``: hidden width of the attention modules = stage channels // reduction."""
 
-    reduction: int = 1
+    reduction: int = 1  # attention hidden width = stage channels // reduction
 
 
 @ARCHS.register("mtan")

@@ -1,0 +1,315 @@
+"""Which task does an input belong to? Nearest task centroid of the router code z (MoLA-Router, method.md §4).
+
+Codes are L2-normalised first (u = z / ||z||, as the TwD loss and ``mola.analysis.routing`` see them). At the end
+of training the mean normalised code of each task on the training split is stored next to the run
+(``RUN_DIR/task_centroids.json``). A new input's inferred task is the nearest centroid (Euclidean), and its
+confidence is that task's posterior under one isotropic Gaussian per task (shared variance, equal priors):
+
+    p(t | u) = softmax_t( -||u - c_t||^2 / (2 sigma^2) )
+
+sigma^2 is fitted on the validation split by maximum likelihood of the true task (temperature scaling, one
+scalar), so confidences are calibrated on data the centroids were not computed from; without validation codes it
+falls back to the within-task spread of the training codes, mean_i ||u_i - c_{t_i}||^2 / d (overconfident on new
+data). The nearest centroid is always the most probable task, so the confidence lies in [1/T, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mola.analysis.routing import collect_codes, mean_weights_per_task, normalize_codes, predict_task, task_centroids
+
+CENTROIDS_FILE = "task_centroids.json"
+FORMAT = "mola-task-centroids"
+MAX_SAMPLES = 50_000
+
+
+@dataclass
+class TaskCentroids:
+    """Mean normalised router code per task (T, d), the shared variance sigma^2 and the training counts."""
+
+    tasks: list[str]
+    centroids: np.ndarray
+    sigma2: float
+    counts: list[int]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def mean_weights(self) -> np.ndarray | None:
+        """(T, E) mean router mixing weight per task over the training codes (None if not stored)."""
+        mw = self.meta.get("mean_weights")
+        return None if mw is None else np.array([[math.nan if v is None else v for v in r] for r in mw], float)
+
+    def sq_distances(self, z: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(N, T) squared Euclidean distances of the normalised codes to each centroid (inf for empty tasks)."""
+        u = normalize_codes(z.detach().cpu().numpy() if isinstance(z, torch.Tensor) else z)
+        if u.shape[1] != self.centroids.shape[1]:
+            raise ValueError(f"codes have size {u.shape[1]}, the centroids {self.centroids.shape[1]}")
+        d = ((u[:, None, :] - self.centroids[None, :, :]) ** 2).sum(axis=2)
+        return np.where(np.isnan(d), np.inf, d)
+
+    def posterior(self, z: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(N, T) p(t | u) = softmax(-||u - c_t||^2 / (2 sigma^2))."""
+        logits = -self.sq_distances(z) / (2.0 * self.sigma2)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def infer(self, z: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(inferred task index (N,), confidence (N,)): nearest centroid and its posterior probability."""
+        p = self.posterior(z)
+        idx = predict_task(normalize_codes(z.detach().cpu().numpy() if isinstance(z, torch.Tensor) else z),
+                           self.centroids)
+        return idx, p[np.arange(len(idx)), idx]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": 1, "tasks": list(self.tasks),
+                "centroids": [[None if math.isnan(v) else float(v) for v in row] for row in self.centroids],
+                "sigma2": float(self.sigma2), "counts": [int(c) for c in self.counts],
+                "codes": "z / ||z||", "confidence": "softmax_t(-||u - c_t||^2 / (2 sigma2))", **self.meta}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "centroids") -> TaskCentroids:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{where} is not a mola task-centroids file (format {data.get('format')!r})")
+        try:
+            cents = np.array([[math.nan if v is None else v for v in row] for row in data["centroids"]], float)
+            meta = {k: v for k, v in data.items()
+                    if k not in ("format", "version", "tasks", "centroids", "sigma2", "counts", "codes", "confidence")}
+            out = cls(list(data["tasks"]), cents, float(data["sigma2"]), list(data["counts"]), meta)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{where} is malformed: {err}") from err
+        if cents.ndim != 2 or cents.shape[0] != len(out.tasks) or not out.sigma2 > 0:
+            raise ValueError(f"{where} is malformed: {cents.shape} centroids for {len(out.tasks)} tasks, "
+                             f"sigma2={out.sigma2}")
+        return out
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the JSON file atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self.to_dict(), fh, indent=2)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TaskCentroids:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"task centroids file {path} is not valid JSON: {err}") from err
+        return cls.from_dict(data, str(path))
+
+
+def posterior_nll(sigma2: float, sq_dist: np.ndarray, task_ids: np.ndarray) -> float:
+    """Mean negative log p(true task | u) for squared distances (N, T) under variance ``sigma2``."""
+    logits = -sq_dist / (2.0 * sigma2)
+    logits = logits - logits.max(axis=1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(task_ids)), task_ids].mean())
+
+
+def fit_sigma2(sq_dist: np.ndarray, task_ids: np.ndarray) -> float:
+    """The sigma^2 in [1e-8, 10] that minimises ``posterior_nll`` (bounded 1-D search on log sigma^2)."""
+    from scipy.optimize import minimize_scalar
+
+    task_ids = np.asarray(task_ids)
+    sq_dist = np.where(np.isinf(sq_dist), 1e6, sq_dist)
+    res = minimize_scalar(lambda ls: posterior_nll(math.exp(ls), sq_dist, task_ids),
+                          bounds=(math.log(1e-8), math.log(10.0)), method="bounded")
+    return float(math.exp(res.x))
+
+
+def fit_centroids(codes: np.ndarray, task_ids: np.ndarray, tasks: list[str], meta: dict[str, Any] | None = None,
+                  val_codes: np.ndarray | None = None, val_task_ids: np.ndarray | None = None) -> TaskCentroids:
+    """Centroids from training codes z (N, d) and task ids (N,); sigma^2 fitted on validation codes if given."""
+    task_ids = np.asarray(task_ids)
+    if len(task_ids) == 0 or (task_ids < 0).all():
+        raise ValueError("task centroids need training codes with task ids (none given, or a single-input scenario)")
+    u = normalize_codes(codes)
+    cents = task_centroids(u, task_ids, len(tasks))
+    counts = np.bincount(task_ids, minlength=len(tasks)).tolist()
+    out = TaskCentroids(list(tasks), cents, 1.0, counts, dict(meta or {}))
+    vt = np.asarray(val_task_ids) if val_task_ids is not None else np.zeros(0, dtype=np.int64)
+    if val_codes is not None and len(vt) and (vt >= 0).all():
+        out.sigma2 = fit_sigma2(out.sq_distances(val_codes), vt)
+        out.meta.update(sigma2_fit="val", num_val_samples=int(len(vt)))
+    else:
+        resid = ((u - cents[task_ids]) ** 2).sum(axis=1)
+        out.sigma2 = max(float(resid.mean()) / u.shape[1], 1e-12)
+        out.meta["sigma2_fit"] = "train"
+    return out
+
+
+def compute_centroids(model: nn.Module, loader: Iterable[Any], tasks: list[str], device: Any = None,
+                      meta: dict[str, Any] | None = None, val_loader: Iterable[Any] | None = None) -> TaskCentroids:
+    """Run router + lift (eval mode, no grad) over ``loader`` ((x, target, task id) batches) and fit centroids;
+    sigma^2 is fitted on ``val_loader``'s codes when given."""
+    codes = collect_codes(model, loader, device)
+    val = collect_codes(model, val_loader, device) if val_loader is not None else {}
+    mw = mean_weights_per_task(codes["weights"], codes["task_ids"], len(tasks))
+    info = {"num_samples": int(len(codes["z"])),
+            "mean_weights": [[None if math.isnan(v) else float(v) for v in r] for r in mw], **(meta or {})}
+    return fit_centroids(codes["z"], codes["task_ids"], tasks, info, val.get("z"), val.get("task_ids"))
+
+
+def centroids_path(run_dir: str | os.PathLike[str]) -> Path:
+    return Path(run_dir) / CENTROIDS_FILE
+
+
+def load_run_centroids(run_dir: str | os.PathLike[str]) -> TaskCentroids:
+    """The centroids stored in a run directory; FileNotFoundError saying how to compute them if absent."""
+    path = centroids_path(run_dir)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no task centroids in {run_dir} ({CENTROIDS_FILE} is written at the end of MoLA-Router training; "
+            f"this run predates it): compute them once with `mola predict --checkpoint {run_dir} --compute-centroids`"
+            " or mola.task_inference.compute_run_centroids(run_dir)")
+    return TaskCentroids.load(path)
+
+
+def train_loader(dataset: Any, batch_size: int, seed: int, max_samples: int = MAX_SAMPLES) -> Any:
+    """Ordered (unshuffled) loader over ``dataset``, or over a seeded random subset of ``max_samples`` of it."""
+    from torch.utils.data import DataLoader, Subset
+
+    n = len(dataset)
+    if n > max_samples:
+        g = torch.Generator().manual_seed(seed)
+        dataset = Subset(dataset, torch.randperm(n, generator=g)[:max_samples].sort().values.tolist())
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+def is_router_multitask(model: nn.Module) -> bool:
+    """True for a MoLA-Router model whose samples carry one task each (centroids make sense)."""
+    from mola.analysis.spectra import find_mola_model
+
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    enc = find_mola_model(model)
+    single = getattr(model, "single_input", False)
+    return enc is not None and enc.config.mode == "router" and enc.router is not None and not single
+
+
+def write_run_centroids(model: nn.Module, dataset: Any, tasks: list[str], run_dir: str | os.PathLike[str],
+                        batch_size: int = 256, device: Any = None, seed: int = 0,
+                        meta: dict[str, Any] | None = None, val_dataset: Any = None) -> Path | None:
+    """Compute centroids of ``model`` on ``dataset`` (the training split; sigma^2 on ``val_dataset``) and store
+    them in ``run_dir``.
+
+    Does nothing (returns None) for models without a router, single-input scenarios and non-zero DDP ranks.
+    """
+    if not is_router_multitask(model):
+        return None
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return None
+    val = train_loader(val_dataset, batch_size, seed) if val_dataset is not None and len(val_dataset) else None
+    cents = compute_centroids(model, train_loader(dataset, batch_size, seed), tasks, device,
+                              {"split": "train", **(meta or {})}, val)
+    return cents.save(centroids_path(run_dir))
+
+
+def run_dir_of(run_or_file: str | os.PathLike[str]) -> Path:
+    """The run directory of a run directory or of a checkpoint file inside one (the folder with config.yaml)."""
+    path = Path(run_or_file)
+    if path.is_dir():
+        return path
+    for parent in path.parents:
+        if (parent / "config.yaml").is_file():
+            return parent
+    return path.parent.parent
+
+
+def load_run(run_dir: str | os.PathLike[str], which: str = "best", device: str = "cpu") -> tuple[Any, Any, Any]:
+    """(config, scenario, model at the checkpoint in eval mode) of a run directory or checkpoint file.
+
+    The scenario is rebuilt from the run's data config (the data must be where training read it)."""
+    from mola.config_utils import from_dict
+    from mola.data import build_scenario
+    from mola.engine import RunConfig
+    from mola.engine.checkpoint import checkpoint_path, load_checkpoint
+    from mola.models import build_model
+
+    ckpt = load_checkpoint(checkpoint_path(run_dir, which))
+    cfg = from_dict(RunConfig, ckpt["config"])
+    scenario = build_scenario(cfg.data)
+    model = build_model(scenario, cfg.model)
+    model.load_state_dict(ckpt["model"])
+    return cfg, scenario, model.to(device).eval()
+
+
+def compute_run_centroids(run_dir: str | os.PathLike[str], device: str = "cpu") -> Path:
+    """Compute and store the centroids of a finished MoLA-Router run from its best checkpoint (older runs)."""
+    cfg, scenario, model = load_run(run_dir, "best", device)
+    if not is_router_multitask(model):
+        raise ValueError(f"{run_dir} is not a MoLA-Router run on multi-input/domain data: no task centroids to "
+                         "compute (task inference from z needs model.mola.mode=router)")
+    out = write_run_centroids(model, scenario.train, [t.name for t in scenario.tasks], run_dir_of(run_dir),
+                              cfg.data.eval_batch_size, device, cfg.train.seed, {"checkpoint": "best"}, scenario.val)
+    assert out is not None
+    return out
+
+
+def task_inference_accuracy(model: nn.Module, centroids: TaskCentroids, loader: Iterable[Any],
+                            device: Any = None) -> dict[str, Any]:
+    """Nearest-centroid task inference on ``loader``: overall and per-task accuracy, mean confidence, majority rate."""
+    codes = collect_codes(model, loader, device)
+    t = codes["task_ids"]
+    pred, conf = centroids.infer(codes["z"])
+    counts = np.bincount(t, minlength=centroids.num_tasks)
+    per_task = {name: (float((pred[t == k] == k).mean()) if counts[k] else None)
+                for k, name in enumerate(centroids.tasks)}
+    return {"accuracy": float((pred == t).mean()), "per_task": per_task, "mean_confidence": float(conf.mean()),
+            "majority": float(counts.max() / counts.sum()), "num_samples": int(len(t))}
+
+
+def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test", device: str = "cpu",
+                 recompute: bool = False) -> dict[str, Any]:
+    """Task inference accuracy from z of a MoLA-Router run on ``split`` (centroids from its train split).
+
+    Uses the stored centroids when present (and ``recompute`` is False); otherwise computes them without
+    writing anything.
+    """
+    cfg, scenario, model = load_run(run_dir, "best", device)
+    if not is_router_multitask(model):
+        raise ValueError(f"{run_dir} is not a MoLA-Router run on multi-input/domain data")
+    tasks = [t.name for t in scenario.tasks]
+    if centroids_path(run_dir_of(run_dir)).is_file() and not recompute:
+        cents = load_run_centroids(run_dir_of(run_dir))
+    else:
+        bs = cfg.data.eval_batch_size
+        cents = compute_centroids(model, train_loader(scenario.train, bs, cfg.train.seed), tasks, device, None,
+                                  train_loader(scenario.val, bs, cfg.train.seed))
+    ds = getattr(scenario, split)
+    from torch.utils.data import DataLoader
+
+    res = task_inference_accuracy(model, cents, DataLoader(ds, batch_size=cfg.data.eval_batch_size), device)
+    res.update({"run_dir": str(run_dir), "split": split, "twd_weight": cfg.model.mola.twd_weight})
+    return res
+
+
+__all__ = ["CENTROIDS_FILE", "TaskCentroids", "centroids_path", "compute_centroids", "compute_run_centroids",
+           "evaluate_run", "fit_centroids", "is_router_multitask", "load_run", "load_run_centroids",
+           "run_dir_of", "task_inference_accuracy", "train_loader", "write_run_centroids"]

@@ -1,0 +1,78 @@
+"""Every script in examples/ runs, at tiny sizes, as a user would run it, and produces what it says."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+def run_example(name: str, args: list[str], cwd: Path) -> str:
+    """Run ``examples/<name>`` in a fresh process; return its stdout (the test fails on a non-zero exit)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_every_example_is_tested() -> None:
+    tested = {"own_loop_torchvision.py", "vit.py", "custom_folder_dataset.py", "sweep_and_report.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py")} == tested
+
+
+def test_own_loop_torchvision(tmp_path: Path) -> None:
+    out = run_example("own_loop_torchvision.py", ["--steps", "2", "--image-size", "32", "--batch-size", "12",
+                                                  "--eval-size", "24", "--out", "out"], tmp_path)
+    assert "grad: test accuracy" in out and "router: test accuracy" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for mode in ("grad", "router"):
+        assert 0.0 <= summary[mode]["mean"] <= 1.0
+        assert (tmp_path / "out" / f"{mode}_model.pt").is_file()
+        assert (tmp_path / "out" / f"{mode}_adapters.safetensors").is_file()
+    assert summary["grad"]["merge_max_abs_diff"] < 1e-4  # the merged plain ResNet-18 equals the MoLA model
+
+
+@pytest.mark.parametrize(("backbone", "wrapped"), [("vit_small", "blocks.1.attn.qkv"),
+                                                   ("torchvision", "encoder.layers.encoder_layer_1.mlp.0")])
+def test_vit(tmp_path: Path, backbone: str, wrapped: str) -> None:
+    out = run_example("vit.py", ["--backbone", backbone, "--steps", "2", "--image-size", "16", "--dim", "16",
+                                 "--depth", "2", "--mola-blocks", "1", "--batch-size", "12", "--eval-size", "24",
+                                 "--router-input-size", "16", "--out", "out"], tmp_path)
+    assert "test accuracy (no domain ids)" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert wrapped in summary["mola_layers"]
+    assert len(summary["mean_router_weights"]) == 3 and 0.0 <= summary["domain_inference_accuracy"] <= 1.0
+
+
+def test_custom_folder_dataset(tmp_path: Path) -> None:
+    out = run_example("custom_folder_dataset.py", ["--images-per-class", "5", "--epochs", "1", "--image-size", "16",
+                                                   "--width", "4", "--batch-size", "16", "--out", "out"], tmp_path)
+    assert "re-evaluated checkpoint matches final.json: True" in out
+    assert len(list((tmp_path / "out" / "data").glob("*/*/*.png"))) == 3 * 3 * 5
+    run = tmp_path / "out" / "runs" / "shapes_mola_grad"
+    for name in ("config.yaml", "metrics.csv", "final.json", "eval.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "checkpoints").iterdir())
+    final = json.loads((run / "final.json").read_text())
+    assert set(final["test"]) == {"photo", "sketch", "noisy"}
+
+
+def test_sweep_and_report(tmp_path: Path) -> None:
+    out = run_example("sweep_and_report.py", ["--seeds", "2", "--variants", "single_task", "mola_grad",
+                                              "--epochs", "1", "--images-per-class", "4", "--image-size", "16",
+                                              "--width", "4", "--out", "out"], tmp_path)
+    assert "$ mola report" in out
+    runs = tmp_path / "out" / "runs"
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == [
+        "mola_grad-s0", "mola_grad-s1", "single_task-s0", "single_task-s1"]
+    report = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "mola-grad" in report and "single_task" in report and "Δm%" in report
+    assert (tmp_path / "out" / "report" / "report.png").is_file()
