@@ -131,7 +131,7 @@ def test_shapes_mlp(case: str, kind: Heterogeneity) -> None:
         check_outputs(sc, model(x, task_ids), task_ids)
 
 
-@pytest.mark.parametrize("case", NEW_ARCHS + ["hps", "mola_grad", "mola_router"])
+@pytest.mark.parametrize("case", NEW_ARCHS + ["hps", "mola_grad", "mola_router", "single_task"])
 def test_task_with_a_single_row_trains(case: str) -> None:
     """BatchNorm in training needs 2+ samples: a task present once in a batch must not break the forward."""
     sc = scenario("multi_input")
@@ -141,6 +141,23 @@ def test_task_with_a_single_row_trains(case: str) -> None:
     out = model(x, task_ids)
     check_outputs(sc, out, task_ids)
     full_batch_loss(out).backward()
+
+
+def test_single_task_lone_row_uses_running_stats_and_keeps_train_mode() -> None:
+    """single_task: task 1's tower sees one row; it equals that tower in eval mode, and its BatchNorm stays in
+    training mode with unchanged running statistics (nothing silently updated from a batch of one)."""
+    sc = scenario("multi_input")
+    no_dropout = BackboneConfig(name="mlp", options={"hidden": [32, 16], "dropout": 0.0})
+    model = build_model(sc, model_cfg("single_task", no_dropout)).train()
+    tower = model.towers[1]
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    x = torch.randn(4, *sc.input_shape)
+    out = model(x, torch.tensor([0, 1, 0, 2]))
+    assert all(m.training for m in tower.modules())
+    assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items() if "num_batches" not in k)
+    tower.eval()
+    ref = model.heads[1](tower(x[1:2]), model.out_size(x))
+    assert torch.allclose(out[1], ref)
 
 
 @pytest.mark.parametrize("case,options", [

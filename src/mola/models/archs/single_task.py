@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mola.data.base import Heterogeneity, TaskInfo
 from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options, task_rows
@@ -35,8 +36,23 @@ class SingleTask(MultiTaskModel):
         size = self.out_size(x)
         if self.single_input:
             return {t: self.heads[t](self.towers[t](x), size) for t in range(self.num_tasks)}
-        return {t: self.heads[t](self.towers[t](x.index_select(0, rows)), size)
+        return {t: self.heads[t](self._tower(t, x.index_select(0, rows)), size)
                 for t, rows in task_rows(task_ids, self.num_tasks).items()}
+
+    def _tower(self, t: int, x: Tensor) -> Tensor:
+        """Task t's encoder; a lone row in training uses BatchNorm's running statistics (a batch of one has no
+        batch variance), where BatchNorm would otherwise raise for vector inputs."""
+        tower = self.towers[t]
+        norms = [m for m in tower.modules() if isinstance(m, _BatchNorm) and m.training]
+        if x.shape[0] != 1 or not norms:
+            return tower(x)
+        for m in norms:
+            m.eval()
+        try:
+            return tower(x)
+        finally:
+            for m in norms:
+                m.train()
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"towers": list(self.towers.parameters()), "heads": list(self.heads.parameters())}
