@@ -26,11 +26,15 @@ base op's, and one merged weight per present task otherwise."""
 class MoLALayer(nn.Module):
     """Base of MoLAConv2d / MoLALinear: y_b = f(x_b; W0 + s * sum_e w_b,e dW_e), s = alpha / rank."""
 
-    base_layer: nn.Module
+    base_layer: nn.Conv2d | nn.Linear
+    lora_A: Tensor
+    """Stacked A factors of all experts (an ``nn.Parameter`` set by the subclass)."""
+    lora_B: Tensor
+    """Stacked B factors of all experts, (E, ...) (an ``nn.Parameter`` set by the subclass)."""
 
     def __init__(
         self,
-        base: nn.Module,
+        base: nn.Conv2d | nn.Linear,
         num_experts: int,
         rank: int,
         alpha: float,

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mola.data.base import Scenario
 from mola.models.backbones import BACKBONES, BackboneConfig, build_backbone
 from mola.models.base import ARCHS, ModelConfig, MultiTaskModel, num_parameters, task_rows
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def build_model(scenario: Scenario, cfg: ModelConfig) -> MultiTaskModel:
@@ -14,7 +19,7 @@ def build_model(scenario: Scenario, cfg: ModelConfig) -> MultiTaskModel:
     dense = any(t.kind != "classification" for t in scenario.tasks)
     arch = ARCHS.get(cfg.arch)
 
-    def factory():
+    def factory() -> nn.Module:
         return build_backbone(cfg.backbone, scenario.input_shape, dense)
 
     return arch(factory, scenario.tasks, scenario.heterogeneity, scenario.shared_head, scenario.input_shape, cfg)
