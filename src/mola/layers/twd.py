@@ -22,10 +22,11 @@ def twd_loss(z: Tensor, task_ids: Tensor, tau: float = 1.0) -> Tensor:
     n = z.shape[0]
     eye = torch.eye(n, dtype=torch.bool, device=z.device)
     pos = (task_ids[:, None] == task_ids[None, :]) & ~eye
-    npos = pos.sum()
-    if n < 2 or int(npos) == 0:
+    if n < 2:
         return z.sum() * 0.0
+    npos = pos.sum()  # stays a tensor: no host sync, so torch.compile traces the loss without a graph break
     u = F.normalize(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z, dim=1)
     sim = (u @ u.T) / tau
     log_prob = sim - torch.logsumexp(sim.masked_fill(eye, float("-inf")), dim=1, keepdim=True)
-    return -(log_prob * pos).sum() / npos
+    # with no same-task pair the sum is 0 (log_prob is finite) and clamp avoids 0/0: a zero with zero grads
+    return -(log_prob * pos).sum() / npos.clamp(min=1)
