@@ -279,6 +279,32 @@ def test_auto_task_path_follows_cost_model():
     assert lin.lowrank_cost_ratio() == pytest.approx(3 * 2 * (32 + 16) / (32 * 16))
 
 
+def test_auto_task_path_counts_merge_cost_on_small_maps():
+    """Above the ratio threshold, small inputs still take the low-rank path: building E merged weights
+    (E * r * kh weight-sized products in the kernel layout) costs more than ratio * positions base ops."""
+    dear = MoLAConv2d(nn.Conv2d(256, 256, 3, padding=1, stride=2), 64, 8)
+    ratio = dear.lowrank_cost_ratio()
+    assert ratio > 1 and dear.merge_cost_ratio() == 8 * 3
+    small, big = torch.randn(2, 256, 4, 4), torch.randn(64, 256, 32, 32)
+    assert dear.output_positions(small) == 2 * 2 * 2 and dear.output_positions(big) == 64 * 16 * 16
+    assert ratio * 8 <= 64 * 24 < ratio * 64 * 256  # the hand-computed sides of the rule for both inputs
+    assert dear.task_path_for(small) == "lowrank" and dear.task_path_for(big) == "merged"
+    assert MoLAConv2d(nn.Conv2d(8, 8, 3, padding="same"), 2, 1).output_positions(torch.randn(3, 8, 5, 7)) == 105
+    lin = MoLALinear(nn.Linear(4, 4), 16, 4)  # ratio 16*4*8/16 = 32 > 1; merge 16 * 4 = 64 MAC-equivalents
+    assert lin.task_path_for(torch.randn(2, 4)) == "lowrank"  # 32 * 2 <= 64
+    assert lin.output_positions(torch.randn(3, 5, 4)) == 15 and lin.task_path_for(torch.randn(3, 5, 4)) == "merged"
+    # both paths are exact: the choice never changes the result
+    routing = Routing(64)
+    dear.routing = routing
+    ids = torch.tensor([0, 63])
+    routing.set_task_ids(ids)
+    ref = dear.double()
+    xs = small.double()
+    out_auto = ref(xs)
+    ref.compute = "merged"
+    assert torch.allclose(out_auto, ref(xs), atol=1e-10)
+
+
 # -- storage: 4-D factorized lora_A, channels_last, legacy 5-D state dicts ----------------------------
 @pytest.mark.parametrize("compute,route", [("auto", "ids"), ("merged", "ids"), ("auto", "softmax")])
 @pytest.mark.parametrize("layout", ["kernel", "factorized"])

@@ -20,7 +20,8 @@ LAYOUTS = ("kernel", "factorized")
 COMPUTES = ("auto", "merged", "lowrank", "reference")
 LOWRANK_MAX_RATIO = 1.0
 """With task ids, ``auto`` takes the low-rank path when its extra multiply-adds are at most this share of the
-base op's, and one merged weight per present task otherwise."""
+base op's, or when they stay below the cost of building one merged weight per expert (small feature maps), and
+one merged weight per present task otherwise."""
 
 
 class MoLALayer(nn.Module):
@@ -80,12 +81,30 @@ class MoLALayer(nn.Module):
         """Multiply-adds of the low-rank path's extra work per output position over the base op's."""
         raise NotImplementedError
 
+    def merge_cost_ratio(self) -> float:
+        """Multiply-adds of building one merged weight W0 + s*dW_e, over the base op's per output position."""
+        raise NotImplementedError
+
+    def output_positions(self, x: Tensor) -> int:
+        """Number of output positions (batch x spatial) the base op computes for input ``x``."""
+        raise NotImplementedError
+
     @property
     def task_path(self) -> str:
         """How task-id routing is computed: "merged" (one weight per present task) or "lowrank" (one-hot mixing)."""
+        return self.task_path_for(None)
+
+    def task_path_for(self, x: Tensor | None) -> str:
+        """The task-id path for input ``x``: low-rank when its extra work is at most the base op's, or (given x)
+        at most the work of building E merged weights, which dominates on small feature maps and batches."""
         if self.compute in ("merged", "lowrank"):
             return self.compute
-        return "lowrank" if self.lowrank_cost_ratio() <= LOWRANK_MAX_RATIO else "merged"
+        ratio = self.lowrank_cost_ratio()
+        if ratio <= LOWRANK_MAX_RATIO:
+            return "lowrank"
+        if x is not None and ratio * self.output_positions(x) <= self.num_experts * self.merge_cost_ratio():
+            return "lowrank"
+        return "merged"
 
     def reset_adapters(self) -> None:
         """A kaiming-uniform(a=sqrt 5) per expert, B = 0: a fresh layer computes exactly its base op."""
@@ -143,7 +162,7 @@ class MoLALayer(nn.Module):
         if r.dense:
             assert r.weights is not None
             return self._op(x, self.weight, self.bias) + self.scaling * self._dense_delta(x, r.weights)
-        if self.task_path == "lowrank":
+        if self.task_path_for(x) == "lowrank":
             # one-hot mixing through the low-rank path: exact, no host sync, other adapters get zero gradient
             return self._op(x, self.weight, self.bias) + self.scaling * self._dense_delta(x, r.mixing())
         return self._per_task(x, r)

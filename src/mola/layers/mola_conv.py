@@ -93,6 +93,19 @@ class MoLAConv2d(MoLALayer):
             extra = g * e * r * kh * kh * ci_g * kh * kw + co * e * kh * r * kh
         return extra / base
 
+    def merge_cost_ratio(self) -> float:
+        # kernel layout: B (Co*kh x r*kh) @ A (r*kh x Ci/g*kw) is r*kh MACs per weight entry; factorized: r
+        return float(self.rank * (self.weight.shape[2] if self.layout == "kernel" else 1))
+
+    def output_positions(self, x: Tensor) -> int:
+        conv = self.base_layer
+        if conv.padding == "same":
+            return x.shape[0] * x.shape[-2] * x.shape[-1]
+        pads: tuple[int, ...] = (0, 0) if isinstance(conv.padding, str) else tuple(conv.padding)
+        sizes = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                 zip(x.shape[-2:], pads, conv.dilation, conv.kernel_size, conv.stride, strict=True)]
+        return max(1, x.shape[0] * max(sizes[0], 1) * max(sizes[1], 1))
+
     def delta_weights(self, experts: Tensor | None = None) -> Tensor:
         a, b = self.expert_A(), self.lora_B
         if experts is not None:

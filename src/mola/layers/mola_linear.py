@@ -41,6 +41,12 @@ class MoLALinear(MoLALayer):
         co, ci = self.weight.shape
         return self.num_experts * self.rank * (ci + co) / (co * ci)
 
+    def merge_cost_ratio(self) -> float:
+        return float(self.rank)
+
+    def output_positions(self, x: Tensor) -> int:
+        return max(1, x.numel() // max(1, x.shape[-1]))
+
     def delta_weights(self, experts: Tensor | None = None) -> Tensor:
         a, b = self.lora_A, self.lora_B
         if experts is not None:
