@@ -91,6 +91,8 @@ def test_report_cli_writes_md_csv_png(result_dirs: list[Path], tmp_path: Path,
     # a folder of runs is expanded; an explicit run dir works too
     assert main(["report", str(result_dirs[0].parent), "--out", str(out), "--split", "test"]) == 0
     assert "mola-grad" in capsys.readouterr().out
+    assert main(["report", str(result_dirs[0].parent)]) == 0  # one folder: the report goes beside its runs
+    assert (result_dirs[0].parent / "report" / "report.md").is_file()
     with open(out / "report.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0])[:8] == ["row", "arch", "mode", "weighting", "method", "override", "n_runs", "seeds"]

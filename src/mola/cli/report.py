@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from mola.analysis.report import to_markdown, write_report
 
-    table, files = write_report(args.run_dirs, args.out, split=args.split, metric=args.metric,
+    out = args.out or (Path(args.run_dirs[0]) / "report" if len(args.run_dirs) == 1 else Path("report"))
+    table, files = write_report(args.run_dirs, out, split=args.split, metric=args.metric,
                                 checkpoint=args.checkpoint, delta_metrics=args.delta_metrics)
     print(to_markdown(table))
     print("wrote " + ", ".join(str(p) for p in files.values()))
@@ -24,7 +26,7 @@ def add_parser(subparsers: Any) -> None:
                     "report.png. A folder of runs (e.g. a sweep's out_dir) is expanded. Delta_m is added when a "
                     "single_task row is present.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories or folders of runs")
-    p.add_argument("--out", default="report", help="output folder (default ./report)")
+    p.add_argument("--out", help="output folder (default RUN_DIR/report for one RUN_DIR, else ./report)")
     p.add_argument("--split", choices=["val", "test"], default="test", help="which split's scores to tabulate")
     p.add_argument("--metric", default="acc",
                    help="metric per task (default acc); tasks without it use their primary metric")
