@@ -112,11 +112,13 @@ def load_trained(run_dir: str | Path, checkpoint: str = "best", device: str = "c
 
 def analyze_run(run_dir: str | Path, checkpoint: str = "best", eps: float = 0.99, split: str = "val",
                 out_dir: str | Path | None = None, device: str = "cpu", scenario: Scenario | None = None,
-                ranks: tuple[int, ...] = RANKS, max_train_samples: int = 4096,
+                ranks: tuple[int, ...] = RANKS, max_train_samples: int = 50_000,
                 experts: tuple[int, int] = (0, 1), compare: tuple[str | Path, ...] = (),
                 compare_scenarios: tuple[Scenario | None, ...] | None = None) -> dict[str, Any]:
     """Analyse one run directory; ``scenario`` replaces rebuilding the data from the run's config (tests).
 
+    Task centroids come from up to ``max_train_samples`` training codes (as ``mola predict``'s stored centroids):
+    when a router's codes barely separate tasks, a subset's centroids can flip many decisions.
     ``compare``: other run directories (e.g. HPS without MoLA, a higher-rank MoLA run) whose matching layer
     weights are put beside this run's in compare_spectra.csv and compare_singular_values.png (Fig. 3/4)."""
     run_dir = Path(run_dir)
