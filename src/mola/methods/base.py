@@ -43,8 +43,9 @@ class Collectives(Protocol):
 class StepContext:
     """What a method may read during one training step.
 
-    ``shared_params``: parameters every task updates (backbone W0, gates...); ``task_params``: parameters that
-    belong to one task (heads, MoLA adapters) plus everything else trainable (router, lift, method modules).
+    ``shared_params``: parameters every task updates (backbone W0, MoLA router and lift, gates...), whose per-task
+    gradients gradient methods combine; ``task_params``: parameters that belong to one task (heads, MoLA adapters,
+    towers) plus method modules.
     ``features``: the shared representation the heads read (for "-UB" methods), part of the graph.
     ``outputs`` / ``targets``: per-task predictions and targets of the present tasks, rows aligned.
     ``extra_loss``: a term added to the objective that is not a task loss (lambda * TwD in router mode).
