@@ -67,13 +67,7 @@ def normalize_codes(z: np.ndarray) -> np.ndarray:
 
 def mean_weights_per_task(weights: np.ndarray, task_ids: np.ndarray, num_tasks: int) -> np.ndarray:
     """(T, E) mean mixing weight per task; rows of tasks without samples are nan."""
-    weights = np.asarray(weights, dtype=np.float64)
-    out = np.full((num_tasks, weights.shape[1]), np.nan)
-    for t in range(num_tasks):
-        sel = task_ids == t
-        if sel.any():
-            out[t] = weights[sel].mean(axis=0)
-    return out
+    return task_centroids(weights, task_ids, num_tasks)
 
 
 def task_centroids(codes: np.ndarray, task_ids: np.ndarray, num_tasks: int) -> np.ndarray:

@@ -96,9 +96,13 @@ class MultiTaskModel(nn.Module):
             raise ValueError(f"task_ids must be an integer tensor, got dtype {task_ids.dtype}")
         if tuple(task_ids.shape) != (shape[0],):
             raise ValueError(f"task_ids must have shape ({shape[0]},) to match the batch, got {tuple(task_ids.shape)}")
-        if task_ids.numel() and not torch.compiler.is_compiling():
+        low = -1 if self.single_input else 0
+        if task_ids.numel() and task_ids.device.type != "cpu":
+            # no host sync in the forward on accelerators: the range check fails asynchronously instead
+            torch._assert_async(((task_ids >= low) & (task_ids < self.num_tasks)).all(),
+                                f"task id out of range [{low}, {self.num_tasks})")
+        elif task_ids.numel() and not torch.compiler.is_compiling():
             lo, hi = (int(v) for v in torch.aminmax(task_ids))
-            low = -1 if self.single_input else 0
             if lo < low or hi >= self.num_tasks:
                 bad = lo if lo < low else hi
                 names = ", ".join(t.name for t in self.tasks)
