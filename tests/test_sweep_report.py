@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mola.analysis.report import build_table, find_runs, load_run, to_markdown, write_report
+from mola.analysis.report import build_table, find_runs, read_run_result, to_markdown, write_report
 from mola.cli.main import main
 from mola.cli.sweep import load_sweep, parse_sweep, plan_sweep, train_command
 from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
@@ -59,7 +59,7 @@ def result_dirs(tmp_path: Path) -> list[Path]:
 
 
 def test_report_table_mean_std_delta_and_bold(result_dirs: list[Path]) -> None:
-    runs = [load_run(p) for p in result_dirs]
+    runs = [read_run_result(p) for p in result_dirs]
     table = build_table(runs, "acc")
     labels = [r.label for r in table.rows]
     assert labels == ["single_task", "hps", "hps+pcgrad", "mola-grad", "mola-grad [rank=8]"]
@@ -103,7 +103,7 @@ def test_report_cli_writes_md_csv_png(result_dirs: list[Path], tmp_path: Path,
     assert pcgrad["a_std"] == "" and pcgrad["weighting"] == "pcgrad"
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG" and (out / "report.md").is_file()
     # last-checkpoint scores, a metric no task has -> falls back to each task's primary metric (acc)
-    table, _ = write_report(result_dirs[2:4], tmp_path / "rep2", checkpoint="last", metric="miou")
+    (table,), _ = write_report(result_dirs[2:4], tmp_path / "rep2", checkpoint="last", metric="miou")
     assert table.rows[0].mean("a") == pytest.approx(0.1) and "Delta_m" not in table.columns
     assert main(["report", str(tmp_path / "nothing")]) == 2
     with pytest.raises(FileNotFoundError, match="no final.json"):
@@ -121,7 +121,7 @@ def test_report_dense_tasks_mixed_metrics_and_delta_all(tmp_path: Path) -> None:
         return d
 
     dirs = [write("st", "single_task", (0.40, 0.80), (0.50, 0.20)), write("h", "hps", (0.44, 0.80), (0.60, 0.20))]
-    runs = [load_run(d) for d in dirs]
+    runs = [read_run_result(d) for d in dirs]
     table = build_table(runs)  # --metric acc: no task has it -> miou and abs_err, no Avg over mixed metrics
     assert table.columns == ["seg", "depth", "Delta_m", "Delta_p"]
     assert table.task_metrics == {"seg": "miou", "depth": "abs_err"} and table.higher_better["depth"] is False
@@ -245,7 +245,7 @@ def test_tiny_real_sweep_resume_and_report(tmp_path: Path, monkeypatch: pytest.M
     with open(out / "sweep_summary.csv") as fh:
         assert [r["status"] for r in csv.DictReader(fh)] == ["skipped", "resumed"]
     assert (out / "hps-s0" / "final.json").is_file()
-    table, files = write_report([out], tmp_path / "rep")
+    (table,), files = write_report([out], tmp_path / "rep")
     assert [r.label for r in table.rows] == ["hps", "mola-grad"] and table.columns == ["t0", "t1", "Avg"]
     assert files["png"].is_file()
 

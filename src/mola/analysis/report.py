@@ -1,42 +1,32 @@
 """Result tables over many runs: rows = (arch, mode, weighting, method, override) groups, mean +/- std over
-seeds, columns = tasks + Avg (+ Delta_m / Delta_p against a single_task row). Reads ``final.json`` files only."""
+seeds, columns = tasks + Avg (+ Delta_m / Delta_p against a single_task row), optionally paired by seed against a
+reference row. Reads ``final.json`` and ``config.yaml``: runs of different scenarios go to separate tables, and
+runs pooled into one row must differ only by seed."""
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import yaml
 
+from mola.analysis.paired import PairedResult, by_seed, paired_difference
+from mola.analysis.results import (
+    GroupKey,
+    RunResult,
+    check_pooled,
+    find_runs,
+    read_run_result,
+    scenario_key,
+    split_by_scenario,
+)
 from mola.metrics import HIGHER_IS_BETTER, delta_m
 
 FRACTION_METRICS = frozenset({"acc", "auc", "miou", "pix_acc", "within_11.25", "within_22.5", "within_30"})
 AUTO_METRICS = ("acc", "miou", "abs_err", "mean")
 AVG, DELTA_M, DELTA_P = "Avg", "Delta_m", "Delta_p"
-GroupKey = tuple[str, str, str, str, str]
-
-
-@dataclass
-class RunResult:
-    """One run's identity and its per-task scores on the reported split."""
-
-    path: Path
-    arch: str
-    mode: str
-    weighting: str
-    method: str
-    override: str
-    seed: int | None
-    scores: dict[str, dict[str, float]]
-
-    @property
-    def key(self) -> GroupKey:
-        return (self.arch, self.mode, self.weighting, self.method, self.override)
 
 
 @dataclass
@@ -85,53 +75,6 @@ class ReportTable:
             metrics = set(self.task_metrics.values())
             return metrics.pop() if len(metrics) == 1 else None
         return None
-
-
-def find_runs(paths: list[str | Path]) -> list[Path]:
-    """Run directories (holding final.json) among ``paths``; a directory of runs (e.g. a sweep) is expanded."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if (p / "final.json").is_file():
-            out.append(p)
-        elif p.is_dir():
-            kids = sorted(c for c in p.iterdir() if (c / "final.json").is_file())
-            if not kids:
-                raise FileNotFoundError(f"{p} holds no final.json (neither a finished run nor a folder of runs)")
-            out += kids
-        else:
-            raise FileNotFoundError(f"run directory not found: {p}")
-    if not out:
-        raise ValueError("report needs at least one run directory")
-    return out
-
-
-def _config(path: Path) -> dict[str, Any]:
-    cfg = path / "config.yaml"
-    return (yaml.safe_load(cfg.read_text()) or {}) if cfg.is_file() else {}
-
-
-def load_run(path: str | Path, split: str = "test", checkpoint: str = "best") -> RunResult:
-    """Read ``final.json`` (and ``sweep.json`` for the override label) of one run."""
-    path = Path(path)
-    final = json.loads((path / "final.json").read_text())
-    if checkpoint not in ("best", "last"):
-        raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-    src = final if checkpoint == "best" else final.get("last", {})
-    if split not in ("val", "test"):
-        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
-    scores = src.get(split) or {}
-    if not scores:
-        raise ValueError(f"{path / 'final.json'} has no {checkpoint} {split} results (train.eval_test off?)")
-    cfg = _config(path) if any(k not in final for k in ("arch", "weighting", "method", "seed")) else {}
-    model, train = cfg.get("model", {}), cfg.get("train", {})
-    arch = final.get("arch") or model.get("arch", "?")
-    mode = final.get("mode") or (model.get("mola", {}).get("mode") if arch == "mola" else None) or ""
-    sweep = path / "sweep.json"
-    override = json.loads(sweep.read_text()).get("override_label", "") if sweep.is_file() else ""
-    seed = final.get("seed", train.get("seed"))
-    return RunResult(path, arch, mode, final.get("weighting") or train.get("weighting", "ew"),
-                     final.get("method") or train.get("method", "erm"), override or "", seed,
-                     {t: {m: float(v) for m, v in r.items() if isinstance(v, (int, float))} for t, r in scores.items()})
 
 
 def row_label(key: GroupKey) -> str:
@@ -193,6 +136,8 @@ def build_table(runs: list[RunResult], metric: str = "acc", split: str = "test",
         groups.setdefault(r.key, []).append(r)
     keys = sorted(groups, key=lambda k: k[0] != "single_task")  # stable: single_task first, then input order
     rows = [ReportRow(row_label(k), k, groups[k]) for k in keys]
+    for row in rows:
+        check_pooled(row.runs, row.label)
     columns = list(tasks)
     hib = {t: HIGHER_IS_BETTER.get(task_metrics[t], True) for t in tasks}
     same_metric = len(set(task_metrics.values())) == 1
@@ -281,20 +226,28 @@ def csv_column(col: str) -> str:
     return {AVG: "avg", DELTA_M: "delta_m", DELTA_P: "delta_p"}.get(col, col)
 
 
-def write_csv(table: ReportTable, path: str | Path) -> None:
-    """One line per row: identity columns, then ``<column>_mean`` and ``<column>_std`` (raw, unscaled values)."""
+def write_csv(tables: ReportTable | list[ReportTable], path: str | Path) -> None:
+    """One line per row: identity columns, then ``<column>_mean`` and ``<column>_std`` (raw, unscaled values);
+    with several tables (scenarios) a ``scenario`` column says which, and the columns are their union."""
+    tables = [tables] if isinstance(tables, ReportTable) else tables
+    columns: list[str] = []
+    for t in tables:
+        columns += [c for c in t.columns if c not in columns]
     head = ["row", "arch", "mode", "weighting", "method", "override", "n_runs", "seeds"]
-    head += [f"{csv_column(c)}_{s}" for c in table.columns for s in ("mean", "std")]
+    head += ["scenario"] if len(tables) > 1 else []
+    head += [f"{csv_column(c)}_{s}" for c in columns for s in ("mean", "std")]
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(head)
-        for row in table.rows:
-            seeds = " ".join(str(r.seed) for r in row.runs)
-            vals = []
-            for c in table.columns:
-                vals += [row.mean(c), row.std(c)]
-            w.writerow([row.label, *row.key, len(row.runs), seeds]
-                       + ["" if not math.isfinite(v) else repr(float(v)) for v in vals])
+        for table in tables:
+            for row in table.rows:
+                seeds = " ".join(str(r.seed) for r in row.runs)
+                vals = []
+                for c in columns:
+                    vals += [row.mean(c), row.std(c)]
+                w.writerow([row.label, *row.key, len(row.runs), seeds]
+                           + ([scenario_title(table)] if len(tables) > 1 else [])
+                           + ["" if not math.isfinite(v) else repr(float(v)) for v in vals])
 
 
 def plot_table(table: ReportTable, path: str | Path) -> Path:
@@ -310,19 +263,109 @@ def plot_table(table: ReportTable, path: str | Path) -> Path:
     return plot_report_bars([r.label for r in table.rows], cols, means, stds, path, ylabel=ylabel)
 
 
+@dataclass
+class PairedRow:
+    """One method against the reference row: a PairedResult per column (tasks, Avg, Delta_m)."""
+
+    label: str
+    results: dict[str, PairedResult]
+
+
+def find_reference(table: ReportTable, ref: str) -> ReportRow:
+    """The row named ``ref``: its label, its sweep override label, or its arch when only one row has it."""
+    for match in (lambda r: r.label == ref, lambda r: r.key[4] == ref, lambda r: r.key[0] == ref):
+        rows = [r for r in table.rows if match(r)]
+        if len(rows) == 1:
+            return rows[0]
+        if len(rows) > 1:
+            raise ValueError(f"--paired {ref!r} matches several rows ({', '.join(r.label for r in rows)}); "
+                             "give the full row label")
+    names = sorted({r.label for r in table.rows} | {r.key[4] for r in table.rows if r.key[4]})
+    raise ValueError(f"--paired {ref!r} names no row of the report; rows: {', '.join(names)}")
+
+
+def paired_rows(table: ReportTable, ref: str, confidence: float = 0.95) -> tuple[ReportRow, list[PairedRow]]:
+    """Pair every other row with the reference row by seed, per task column, Avg and Delta_m (method.md §12)."""
+    base = find_reference(table, ref)
+    cols = [c for c in table.columns if c != DELTA_P]
+    out = []
+    for row in table.rows:
+        if row is base:
+            continue
+        res = {}
+        for c in cols:
+            mine = by_seed([r.seed for r in row.runs], row.values[c], f"row {row.label!r}")
+            theirs = by_seed([r.seed for r in base.runs], base.values[c], f"row {base.label!r}")
+            res[c] = paired_difference(mine, theirs, table.higher_better[c], confidence)
+        out.append(PairedRow(row.label, res))
+    return base, out
+
+
+def paired_markdown(table: ReportTable, base: ReportRow, rows: list[PairedRow]) -> str:
+    """The paired comparison as Markdown: one line per (method, column), differences signed "+ = better"."""
+    lines = [f"## Paired by seed against `{base.label}`", "",
+             "diff = method - reference per shared seed, signed so that + is better (for Δm: reference - method); "
+             "tasks and Avg in points, Δm in %; 95% Student-t interval over seeds; W/L = seeds won/lost; "
+             "verdict: better / worse when the interval excludes 0, else unresolved.", "",
+             "| method | column | n | mean diff | 95% CI | W/L | verdict |", "|---|---|---:|---:|---|---:|---|"]
+    for pr in rows:
+        for c, r in pr.results.items():
+            s = _scale(table, c)
+            ci = f"[{r.low * s:+.2f}, {r.high * s:+.2f}]" if math.isfinite(r.low) else "—"
+            mean = f"{r.mean * s:+.2f}" if math.isfinite(r.mean) else "—"
+            name = "Δm%" if c == DELTA_M else c
+            lines.append(f"| {pr.label} | {name} | {r.n} | {mean} | {ci} | {r.wins}/{r.losses} | {r.verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_paired_csv(table: ReportTable, base: ReportRow, rows: list[PairedRow], path: str | Path) -> None:
+    """paired.csv: one line per (method, column) with raw (unscaled, "+ = better") differences."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "reference", "column", "n", "seeds", "mean_diff", "ci_low", "ci_high", "wins",
+                    "losses", "ties", "verdict"])
+        for pr in rows:
+            for c, r in pr.results.items():
+                w.writerow([pr.label, base.label, csv_column(c), r.n, " ".join(map(str, r.seeds)),
+                            *(repr(v) if math.isfinite(v) else "" for v in (r.mean, r.low, r.high)),
+                            r.wins, r.losses, r.ties, r.verdict])
+
+
+def scenario_title(table: ReportTable) -> str:
+    """The scenario that a table's runs share, for headings ("" when the runs carry no config)."""
+    return scenario_key(table.rows[0].runs[0])
+
+
 def write_report(paths: list[str | Path], out_dir: str | Path, split: str = "test", metric: str = "acc",
-                 checkpoint: str = "best", delta_metrics: str = "primary") -> tuple[ReportTable, dict[str, Path]]:
-    """Load runs, build the table and write report.md, report.csv and report.png into ``out_dir``."""
-    runs = [load_run(p, split, checkpoint) for p in find_runs(paths)]
-    table = build_table(runs, metric, split, checkpoint, delta_metrics)
+                 checkpoint: str = "best", delta_metrics: str = "primary", paired: str | None = None,
+                 confidence: float = 0.95) -> tuple[list[ReportTable], dict[str, Path]]:
+    """Load runs, build one table per scenario (and, with ``paired``, the paired comparison against that row)
+    and write report.md, report.csv, report.png (report_<k>.png / paired_<k>.csv with several scenarios) and
+    paired.csv into ``out_dir``."""
+    runs = [read_run_result(p, split, checkpoint) for p in find_runs(paths)]
+    tables = [build_table(group, metric, split, checkpoint, delta_metrics) for group in split_by_scenario(runs)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"md": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
-    files["md"].write_text(to_markdown(table))
-    write_csv(table, files["csv"])
-    plot_table(table, files["png"])
-    return table, files
+    files = {"md": out / "report.md", "csv": out / "report.csv"}
+    parts = []
+    for k, table in enumerate(tables):
+        suffix = "" if len(tables) == 1 else f"_{k + 1}"
+        title = scenario_title(table)
+        md = to_markdown(table)
+        if len(tables) > 1:
+            md = md.replace("# mola report:", f"# mola report {k + 1}/{len(tables)} ({title}):", 1)
+        if paired is not None:
+            base, prows = paired_rows(table, paired, confidence)
+            md += "\n" + paired_markdown(table, base, prows)
+            files[f"paired{suffix}"] = out / f"paired{suffix}.csv"
+            write_paired_csv(table, base, prows, files[f"paired{suffix}"])
+        parts.append(md)
+        files[f"png{suffix}"] = out / f"report{suffix}.png"
+        plot_table(table, files[f"png{suffix}"])
+    files["md"].write_text("\n".join(parts))
+    write_csv(tables, files["csv"])
+    return tables, files
 
 
-__all__ = ["ReportRow", "ReportTable", "RunResult", "build_table", "find_runs", "load_run", "plot_table",
-           "row_label", "to_markdown", "write_csv", "write_report"]
+__all__ = ["PairedRow", "ReportRow", "ReportTable", "RunResult", "build_table", "find_runs", "paired_markdown",
+           "paired_rows", "plot_table", "read_run_result", "row_label", "to_markdown", "write_csv", "write_report"]

@@ -1,0 +1,150 @@
+"""Reading finished runs for reports: ``final.json`` scores, the typed ``config.yaml``, the scenario a run
+belongs to, and the rule that runs pooled as seeds of one row differ only by seed."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mola.config_utils import from_dict
+from mola.engine.config import RunConfig
+
+GroupKey = tuple[str, str, str, str, str]
+POOL_FREE_KEYS = frozenset({
+    "name", "out_dir", "train.seed", "train.progress", "train.tensorboard", "train.device", "train.eval_test",
+    "train.checkpoint_every_steps", "train.single_task_results", "data.num_workers", "data.eval_batch_size"})
+"""Config keys that may differ between runs pooled as seeds of one row (they do not change the trained model)."""
+SCENARIO_KEYS = ("kind", "root", "domains", "tasks", "image_size", "channels", "feature", "val_fraction",
+                 "test_fraction", "split_seed", "max_per_task", "max_eval_per_task")
+"""``data.*`` keys that define a scenario: runs that differ in any of them are reported in separate tables."""
+
+
+
+@dataclass
+class RunResult:
+    """One run's identity and its per-task scores on the reported split."""
+
+    path: Path
+    arch: str
+    mode: str
+    weighting: str
+    method: str
+    override: str
+    seed: int | None
+    scores: dict[str, dict[str, float]]
+    config: dict[str, Any] | None = None  # the resolved RunConfig as a dict (None: the run has no config.yaml)
+
+    @property
+    def key(self) -> GroupKey:
+        return (self.arch, self.mode, self.weighting, self.method, self.override)
+
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Run directories (holding final.json) among ``paths``; a directory of runs (e.g. a sweep) is expanded."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "final.json").is_file():
+            out.append(p)
+        elif p.is_dir():
+            kids = sorted(c for c in p.iterdir() if (c / "final.json").is_file())
+            if not kids:
+                raise FileNotFoundError(f"{p} holds no final.json (neither a finished run nor a folder of runs)")
+            out += kids
+        else:
+            raise FileNotFoundError(f"run directory not found: {p}")
+    if not out:
+        raise ValueError("report needs at least one run directory")
+    return out
+
+
+def read_config(path: Path) -> dict[str, Any] | None:
+    """A run's ``config.yaml`` read through the typed RunConfig (defaults filled in), or None if it has none."""
+    cfg = path / "config.yaml"
+    if not cfg.is_file():
+        return None
+    try:
+        data = yaml.safe_load(cfg.read_text()) or {}
+        return from_dict(RunConfig, data).to_dict()
+    except (yaml.YAMLError, ValueError, TypeError) as err:
+        raise ValueError(f"{cfg} is not a valid mola run config: {err}") from err
+
+
+def read_run_result(path: str | Path, split: str = "test", checkpoint: str = "best") -> RunResult:
+    """Read ``final.json``, ``config.yaml`` and (for the override label) ``sweep.json`` of one run."""
+    path = Path(path)
+    final = json.loads((path / "final.json").read_text())
+    if checkpoint not in ("best", "last"):
+        raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    src = final if checkpoint == "best" else final.get("last", {})
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    scores = src.get(split) or {}
+    if not scores:
+        raise ValueError(f"{path / 'final.json'} has no {checkpoint} {split} results (train.eval_test off?)")
+    config = read_config(path)
+    cfg = config or {}
+    model, train = cfg.get("model", {}), cfg.get("train", {})
+    arch = final.get("arch") or model.get("arch", "?")
+    mode = final.get("mode") or (model.get("mola", {}).get("mode") if arch == "mola" else None) or ""
+    sweep = path / "sweep.json"
+    override = json.loads(sweep.read_text()).get("override_label", "") if sweep.is_file() else ""
+    seed = final.get("seed", train.get("seed"))
+    return RunResult(path, arch, mode, final.get("weighting") or train.get("weighting", "ew"),
+                     final.get("method") or train.get("method", "erm"), override or "", seed,
+                     {t: {m: float(v) for m, v in r.items() if isinstance(v, (int, float))} for t, r in scores.items()},
+                     config)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def scenario_key(run: RunResult) -> str:
+    """A readable identity of the run's scenario (``data.*`` keys of SCENARIO_KEYS); "" without a config."""
+    if run.config is None:
+        return ""
+    data = dict(run.config.get("data", {}))
+    if data.get("root"):
+        data["root"] = os.path.normpath(str(data["root"]))
+    return ", ".join(f"{k}={data.get(k)}" for k in SCENARIO_KEYS if data.get(k) is not None)
+
+
+def split_by_scenario(runs: list[RunResult]) -> list[list[RunResult]]:
+    """Runs grouped by scenario (first-seen order): each group becomes its own table."""
+    groups: dict[str, list[RunResult]] = {}
+    for r in runs:
+        groups.setdefault(scenario_key(r), []).append(r)
+    return list(groups.values())
+
+
+def check_pooled(runs: list[RunResult], label: str) -> None:
+    """Runs pooled as seeds of one row must have the same config except POOL_FREE_KEYS; else a ValueError
+    listing the keys that differ and two runs that show it."""
+    known = [r for r in runs if r.config is not None]
+    if len(known) < 2:
+        return
+    ref = _flat(known[0].config)
+    for r in known[1:]:
+        other = _flat(r.config)
+        diffs = [f"{k}: {ref.get(k, '<absent>')!r} vs {other.get(k, '<absent>')!r}"
+                 for k in sorted(set(ref) | set(other)) if k not in POOL_FREE_KEYS and ref.get(k) != other.get(k)]
+        if diffs:
+            raise ValueError(
+                f"report row {label!r} would pool runs whose configs differ other than by seed ("
+                f"{known[0].path} and {r.path}: {'; '.join(diffs[:8])}{'; ...' if len(diffs) > 8 else ''}); "
+                "put them in separate folders, or give them distinct sweep override labels")
+
+
+__all__ = ["POOL_FREE_KEYS", "SCENARIO_KEYS", "GroupKey", "RunResult", "check_pooled", "find_runs", "read_config",
+           "read_run_result", "scenario_key", "split_by_scenario"]
