@@ -3,6 +3,7 @@
 from mola.data.layouts import (  # noqa: F401  (imported for their registrations)
     digits,
     folder,
+    manytask,
     medmnist,
     multidigit,
     nyuv2,
