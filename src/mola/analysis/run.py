@@ -71,7 +71,7 @@ def _params_section(trainer: Any, ranks: tuple[int, ...]) -> dict[str, Any]:
                            "counts": counts}
     formula = single_task_total(counts, scen.num_tasks, scen.shared_head)
     try:
-        st_cfg = dataclasses.replace(cfg.model, arch="single_task", options={})
+        st_cfg = dataclasses.replace(cfg.model, arch="single_task_joint", options={})
         out["single_task_total"] = parameter_counts(build_model(scen, st_cfg))["total"]
         out["single_task_source"] = "built single_task arch over the same backbone and heads"
     except (ValueError, KeyError, RuntimeError) as err:

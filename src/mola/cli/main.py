@@ -22,12 +22,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         cfg.train.seed = args.seed
     run_dir = _run_dir(cfg, args.out)
-    from mola.engine.checkpoint import has_checkpoint
+    from mola.engine.single_task import fit_single_task, run_has_checkpoint
 
-    resumable = has_checkpoint(run_dir)
+    resumable = run_has_checkpoint(run_dir)
     if resumable and not args.resume:
         raise ValueError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
                          "or --out DIR for a new one")
+    if cfg.model.arch == "single_task":  # the paper's protocol: one separate run per task
+        final = fit_single_task(cfg, run_dir, resume=args.resume)
+        split = "test" if final["test"] else "val"
+        print(f"\n{cfg.name}: {split} metrics, each task from its own run's best-on-val checkpoint, run dir {run_dir}")
+        print(format_table(final, split))
+        return 0
     trainer = Trainer(cfg, run_dir)  # under torchrun: one rank of a DDP run (docs/distributed.md)
     main = trainer.dist.is_main
     if args.resume and resumable:

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from mola.engine.checkpoint import has_checkpoint
+from mola.engine.single_task import run_has_checkpoint
 
 GRID_AXES = ("arch", "method", "weighting", "seed")
 SWEEP_KEYS = ("base", "out_dir", "grid", "overrides")
@@ -179,7 +179,7 @@ def run_status(run_dir: Path) -> str:
     """'complete' (final.json), 'resume' (a last checkpoint only) or 'new'."""
     if (run_dir / "final.json").is_file():
         return "complete"
-    if has_checkpoint(run_dir):
+    if run_has_checkpoint(run_dir):
         return "resume"
     return "new"
 

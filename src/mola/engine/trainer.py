@@ -156,6 +156,10 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         validate_names(cfg)
+        if cfg.model.arch == "single_task":
+            raise ValueError("model.arch single_task trains one separate run per task: use "
+                             "mola.engine.fit_single_task (mola train does), or arch single_task_joint for the "
+                             "T networks trained together on one mixed batch")
         self.dist = init_distributed(resolve_device(cfg.train.device))  # torchrun: one process per rank
         self.device = self.dist.device
         seed_everything(cfg.train.seed)

@@ -1,4 +1,8 @@
-"""Single-task baseline: one independent network (encoder + head) per task, trained together as one run."""
+"""Single-task networks: one independent encoder + head per task.
+
+As ``single_task_joint`` the T networks are trained together in one run (each on its task's rows of one mixed
+batch, one optimizer, one model selection). ``single_task`` names the same networks trained as the paper does,
+one separate run per task (``mola.engine.single_task``); the engine builds this class per task for it."""
 
 from __future__ import annotations
 
@@ -18,8 +22,11 @@ class SingleTaskOptions:
 
 
 @ARCHS.register("single_task")
+@ARCHS.register("single_task_joint")
 class SingleTask(MultiTaskModel):
-    """T encoders and T heads; sample rows go only to their task's network, so nothing is shared."""
+    """T encoders and T heads; sample rows go only to their task's network, so nothing is shared. Under
+    ``single_task`` the engine trains each task's network in its own run; ``single_task_joint`` trains them
+    together on one mixed batch."""
 
     Options = SingleTaskOptions
     task_specific_groups = ("heads", "towers")
