@@ -2,24 +2,24 @@
 
 ``cfg.root`` is the shipped data folder (``../shared/data``) holding ``medmnist/``, ``digits/`` and
 ``fashion_mnist/``. Each task has its own inputs and label space (multi-input task heterogeneity); no file is
-written. Training sizes are deliberately imbalanced, as in real collections (largest 4,000, smallest: breast,
-all of its 546 images, 3.8% of the 14,326 training images):
+written. Training sizes are deliberately imbalanced, as in real collections, and CPU-sized (largest 2,000,
+smallest breast with 200, 2.8% of the 7,200 training images):
 
 ==========  ==============================================  =======  =======  ================================
 task        source                                          classes  train    val / test
 ==========  ==============================================  =======  =======  ================================
-fashion     fashion_mnist train / t10k (IDX)                10       4,000    400 / 1,000 (of train / t10k)
-notmnist    digits/notmnist_test (IDX; letters A-J)         10       3,000    300 / 1,000 (re-split, seeded)
-mnist       digits/mnist_5k csv / mnist_test t10k           10       2,500    250 / 1,000 (of csv / t10k)
-pneumonia   medmnist/pneumoniamnist_kaggle_variant.npz      2        1,500    official val / test
-retina      medmnist/retinamnist.npz                        5        1,080    official val / test
-usps        digits/usps/usps.h5 (16 px -> 28 px bilinear)   10       1,000    100 / 1,000 (of train / test)
-derma       medmnist/dermamnist_val_only (re-split)         7        ~703     ~100 / ~200 (re-split, seeded)
-breast      medmnist/breastmnist.npz                        2        546      official val / test
+fashion     fashion_mnist train / t10k (IDX)                10       2,000    200 / 1,000 (of train / t10k)
+notmnist    digits/notmnist_test (IDX; letters A-J)         10       1,500    150 / 1,000 (re-split, seeded)
+mnist       digits/mnist_5k csv / mnist_test t10k           10       1,200    120 / 1,000 (of csv / t10k)
+pneumonia   medmnist/pneumoniamnist_kaggle_variant.npz      2        800      100 / 624 (official val / test)
+retina      medmnist/retinamnist.npz                        5        600      100 / 400 (official val / test)
+usps        digits/usps/usps.h5 (16 px -> 28 px bilinear)   10       500      100 / 1,000 (of train / test)
+derma       medmnist/dermamnist_val_only (re-split)         7        400      100 / 201 (re-split, seeded)
+breast      medmnist/breastmnist.npz                        2        200      78 / 156 (official val / test)
 ==========  ==============================================  =======  =======  ================================
 
-Val comes from each task's official val split where it has one, else a stratified 10% of its training pool
-(capped at 10% of the train size above). All subsets are seeded by ``cfg.split_seed`` and the task's name, so
+Val comes from each task's official val split where it has one, else a stratified 10% of its training pool,
+capped at max(100, 10% of the train size above); test is capped at 1,000. All subsets are seeded by ``cfg.split_seed`` and the task's name, so
 a task's split does not depend on which other tasks are selected. Pixels are scaled to [0, 1], then
 (x - 0.5) / 0.5; gray images are replicated to ``cfg.channels`` (default 3; RGB -> luminance for 1).
 ``cfg.tasks`` selects a subset; ``cfg.max_per_task`` / ``cfg.max_eval_per_task`` cap further.
@@ -98,14 +98,14 @@ def _usps(root: Path) -> Splits:
 
 # name -> (reader, classes, training size); eval caps: val 10% of the training size, test 1,000
 TASKS: dict[str, tuple[Callable[[Path], Splits], int, int]] = {
-    "fashion": (_fashion, 10, 4000),
-    "notmnist": (_notmnist, 10, 3000),
-    "mnist": (_mnist, 10, 2500),
-    "pneumonia": (_npz("pneumoniamnist_kaggle_variant.npz"), 2, 1500),
-    "retina": (_npz("retinamnist.npz"), 5, 1080),
-    "usps": (_usps, 10, 1000),
-    "derma": (_derma, 7, 1000),
-    "breast": (_npz("breastmnist.npz"), 2, 546),
+    "fashion": (_fashion, 10, 2000),
+    "notmnist": (_notmnist, 10, 1500),
+    "mnist": (_mnist, 10, 1200),
+    "pneumonia": (_npz("pneumoniamnist_kaggle_variant.npz"), 2, 800),
+    "retina": (_npz("retinamnist.npz"), 5, 600),
+    "usps": (_usps, 10, 500),
+    "derma": (_derma, 7, 400),
+    "breast": (_npz("breastmnist.npz"), 2, 200),
 }
 TEST_CAP = 1000
 
@@ -127,7 +127,7 @@ def _unit(x: np.ndarray, where: str) -> Tensor:
 def _task_splits(name: str, data: Splits, train_size: int, cfg: DataConfig) -> dict[str, np.ndarray]:
     """Seeded index arrays for train/val/test into ``data``'s arrays ("pool" is split three ways)."""
     rng = name_seed(cfg.split_seed, f"manytask/{name}")
-    n_val = max(1, train_size // 10)
+    n_val = max(100, train_size // 10)
     if "pool" in data:
         y = data["pool"][1]
         tr, va, te = stratified_split(y, cfg.val_fraction, cfg.test_fraction, rng)
