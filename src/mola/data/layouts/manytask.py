@@ -2,20 +2,20 @@
 
 ``cfg.root`` is the shipped data folder (``../shared/data``) holding ``medmnist/``, ``digits/`` and
 ``fashion_mnist/``. Each task has its own inputs and label space (multi-input task heterogeneity); no file is
-written. Training sizes are deliberately imbalanced, as in real collections, and CPU-sized (largest 2,000,
-smallest breast with 200, 2.8% of the 7,200 training images):
+written. Training sizes are deliberately imbalanced, as in real collections, and CPU-sized (largest 1,000,
+smallest breast with 100, 2.7% of the 3,650 training images):
 
 ==========  ==============================================  =======  =======  ================================
 task        source                                          classes  train    val / test
 ==========  ==============================================  =======  =======  ================================
-fashion     fashion_mnist train / t10k (IDX)                10       2,000    200 / 1,000 (of train / t10k)
-notmnist    digits/notmnist_test (IDX; letters A-J)         10       1,500    150 / 1,000 (re-split, seeded)
-mnist       digits/mnist_5k csv / mnist_test t10k           10       1,200    120 / 1,000 (of csv / t10k)
-pneumonia   medmnist/pneumoniamnist_kaggle_variant.npz      2        800      100 / 624 (official val / test)
-retina      medmnist/retinamnist.npz                        5        600      100 / 400 (official val / test)
-usps        digits/usps/usps.h5 (16 px -> 28 px bilinear)   10       500      100 / 1,000 (of train / test)
-derma       medmnist/dermamnist_val_only (re-split)         7        400      100 / 201 (re-split, seeded)
-breast      medmnist/breastmnist.npz                        2        200      78 / 156 (official val / test)
+fashion     fashion_mnist train / t10k (IDX)                10       1,000    100 / 1,000 (of train / t10k)
+notmnist    digits/notmnist_test (IDX; letters A-J)         10       800      100 / 1,000 (re-split, seeded)
+mnist       digits/mnist_5k csv / mnist_test t10k           10       600      100 / 1,000 (of csv / t10k)
+pneumonia   medmnist/pneumoniamnist_kaggle_variant.npz      2        400      100 / 624 (official val / test)
+retina      medmnist/retinamnist.npz                        5        300      100 / 400 (official val / test)
+usps        digits/usps/usps.h5 (16 px -> 28 px bilinear)   10       250      100 / 1,000 (of train / test)
+derma       medmnist/dermamnist_val_only (re-split)         7        200      100 / 201 (re-split, seeded)
+breast      medmnist/breastmnist.npz                        2        100      78 / 156 (official val / test)
 ==========  ==============================================  =======  =======  ================================
 
 Val comes from each task's official val split where it has one, else a stratified 10% of its training pool,
@@ -98,14 +98,14 @@ def _usps(root: Path) -> Splits:
 
 # name -> (reader, classes, training size); eval caps: val 10% of the training size, test 1,000
 TASKS: dict[str, tuple[Callable[[Path], Splits], int, int]] = {
-    "fashion": (_fashion, 10, 2000),
-    "notmnist": (_notmnist, 10, 1500),
-    "mnist": (_mnist, 10, 1200),
-    "pneumonia": (_npz("pneumoniamnist_kaggle_variant.npz"), 2, 800),
-    "retina": (_npz("retinamnist.npz"), 5, 600),
-    "usps": (_usps, 10, 500),
-    "derma": (_derma, 7, 400),
-    "breast": (_npz("breastmnist.npz"), 2, 200),
+    "fashion": (_fashion, 10, 1000),
+    "notmnist": (_notmnist, 10, 800),
+    "mnist": (_mnist, 10, 600),
+    "pneumonia": (_npz("pneumoniamnist_kaggle_variant.npz"), 2, 400),
+    "retina": (_npz("retinamnist.npz"), 5, 300),
+    "usps": (_usps, 10, 250),
+    "derma": (_derma, 7, 200),
+    "breast": (_npz("breastmnist.npz"), 2, 100),
 }
 TEST_CAP = 1000
 
