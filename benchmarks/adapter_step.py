@@ -53,7 +53,8 @@ def measure(config: str, alpha: float, lr: float, steps: int, seed: int, extra: 
         grown = [float(((m.scaling * m.delta_weights()).flatten(1).norm(dim=1)
                         / m.base_layer.weight.norm()).mean()) for m in layers]
     return {"alpha": alpha, "s": alpha / layers[0].rank, "lr": lr, "dW0": sum(u0) / len(u0),
-            "dAdapter": sum(ua) / len(ua), "ratio": sum(ua) / max(sum(u0), 1e-12), "adapter_size": sum(grown) / len(grown)}
+            "dAdapter": sum(ua) / len(ua), "ratio": sum(ua) / max(sum(u0), 1e-12),
+            "adapter_size": sum(grown) / len(grown)}
 
 
 def main() -> None:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures_data import shared_dir
 from mola.data import build_scenario
 from mola.data.config import DataConfig
-from fixtures_data import shared_dir
 
 ROOT = shared_dir("")
 

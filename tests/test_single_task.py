@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mola.cli.main import main
 from mola.engine import fit_single_task, load_config
@@ -70,3 +71,19 @@ def test_single_task_run_reuses_finished_tasks_and_refuses_trainer(tmp_path: Pat
 
     with pytest.raises(ValueError, match="one separate run per task"):
         Trainer(load_config(None, over), tmp_path / "x")
+
+
+def test_sweep_in_process_runs_single_task_as_separate_runs(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    over = [o for o in _overrides(["train.epochs=1", "train.max_steps_per_epoch=2"]) if "domains" not in o]
+    base = tmp_path / "base.yaml"
+    base.write_text("name: base\n")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"base": str(base), "out_dir": str(tmp_path / "out"),
+                                     "grid": {"arch": ["single_task"], "seed": [0]},
+                                     "overrides": {"fixed": [{"tiny": [*over, "data.domains=[amazon,dslr]"]}]}}))
+    assert main(["sweep", "--config", str(sweep), "--no-progress"]) == 0
+    run = next((tmp_path / "out").glob("single_task*"))
+    final = json.loads((run / "final.json").read_text())
+    assert final["arch"] == "single_task" and sorted(final["test"]) == ["amazon", "dslr"]
+    assert (run / "tasks" / "amazon" / "final.json").is_file() and (run / "tasks" / "dslr" / "final.json").is_file()

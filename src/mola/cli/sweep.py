@@ -222,13 +222,15 @@ def train_command(run: PlannedRun, spec: SweepSpec) -> list[str]:
 
 
 def _train_in_process(run: PlannedRun, spec: SweepSpec) -> dict[str, Any]:
-    from mola.engine import Trainer, load_config
+    from mola.engine import Trainer, fit_single_task, load_config
 
     cfg = load_config(spec.base, [*run.overrides, "train.progress=false"], arch=run.arch, weighting=run.weighting,
                       method=run.method)
     if run.seed is not None:
         cfg.train.seed = run.seed
     cfg.name = run.name
+    if cfg.model.arch == "single_task":  # one separate run per task, as `mola train` does
+        return fit_single_task(cfg, run.run_dir, resume=run.status == "resume")
     trainer = Trainer(cfg, run.run_dir)
     if run.status == "resume":
         trainer.resume()

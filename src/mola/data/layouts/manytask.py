@@ -19,10 +19,11 @@ breast      medmnist/breastmnist.npz                        2        100      78
 ==========  ==============================================  =======  =======  ================================
 
 Val comes from each task's official val split where it has one, else a stratified 10% of its training pool,
-capped at max(100, 10% of the train size above); test is capped at 1,000. All subsets are seeded by ``cfg.split_seed`` and the task's name, so
-a task's split does not depend on which other tasks are selected. Pixels are scaled to [0, 1], then
-(x - 0.5) / 0.5; gray images are replicated to ``cfg.channels`` (default 3; RGB -> luminance for 1).
-``cfg.tasks`` selects a subset; ``cfg.max_per_task`` / ``cfg.max_eval_per_task`` cap further.
+capped at max(100, 10% of the train size above); test is capped at 1,000. All subsets are seeded by
+``cfg.split_seed`` and the task's name, so a task's split does not depend on which other tasks are selected.
+Pixels are scaled to [0, 1], then (x - 0.5) / 0.5; gray images are replicated to ``cfg.channels`` (default 3;
+RGB -> luminance for 1). ``cfg.tasks`` selects a subset; ``cfg.max_per_task`` / ``cfg.max_eval_per_task`` cap
+further.
 """
 
 from __future__ import annotations
