@@ -62,6 +62,10 @@ def test_paired_verdicts_and_degenerate_cases() -> None:
     assert one.n == 1 and math.isnan(one.low) and one.verdict == "unresolved"
     nan = paired_difference({0: math.nan, 1: 0.2, 2: 0.3}, {0: 0.1, 1: 0.1, 2: 0.1})
     assert nan.n == 2 and nan.seeds == (1, 2)
+    # two equal differences: a zero-width interval, but too few pairs for a verdict; three consistent ones decide
+    two = paired_difference({0: 0.3, 1: 0.3}, {0: 0.1, 1: 0.1})
+    assert two.low == two.high and two.verdict == "unresolved"
+    assert paired_difference({s: 0.3 for s in range(3)}, {s: 0.1 for s in range(3)}).verdict == "better"
     with pytest.raises(ValueError, match="two runs with seed 3"):
         by_seed([3, 3], [0.1, 0.2], "row 'hps'")
     with pytest.raises(ValueError, match="confidence"):
@@ -89,12 +93,14 @@ def test_report_paired_table_columns_and_csv(tmp_path: Path, capsys: pytest.Capt
     assert main(["report", str(root), "--paired", "single_task", "--out", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
     assert "Paired by seed against `single_task`" in out and "| hps | Avg | 3 |" in out
+    assert "| hps | 3 | " in out and ": **better** |" in out  # the summary line (Avg, Δm)
     with open(tmp_path / "rep" / "paired.csv") as fh:
         lines = list(csv.DictReader(fh))
     avg = next(r for r in lines if r["column"] == "avg")
     assert float(avg["ci_low"]) == pytest.approx(low) and avg["seeds"] == "0 1 2" and avg["wins"] == "3"
     assert main(["report", str(root), "--paired", "nope"]) == 2
     assert "names no row" in capsys.readouterr().err
+    assert main(["report", str(root), "--paired", "hps", "--out", str(tmp_path / "rep2")]) == 0  # by arch
 
 
 def test_report_refuses_to_pool_runs_with_different_configs(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ import numpy as np
 from scipy import stats
 
 Verdict = str  # "better" | "worse" | "unresolved"
+MIN_PAIRS = 3
+"""Fewest paired seeds for a verdict other than "unresolved"."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,8 @@ class PairedResult:
 def paired_difference(method: dict[int, float], reference: dict[int, float], higher_is_better: bool = True,
                       confidence: float = 0.95) -> PairedResult:
     """Pair ``seed -> value`` maps on their shared seeds (non-finite values dropped) and summarise the
-    differences; with fewer than two pairs the interval is NaN and the verdict "unresolved"."""
+    differences; with fewer than two pairs the interval is NaN, and with fewer than MIN_PAIRS the verdict is
+    "unresolved" whatever the interval (two equal differences give a zero-width interval)."""
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     seeds = tuple(sorted(s for s in method if s in reference
@@ -50,7 +53,7 @@ def paired_difference(method: dict[int, float], reference: dict[int, float], hig
         return PairedResult(n, mean, math.nan, math.nan, wins, losses, n - wins - losses, "unresolved", seeds)
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
     low, high = mean - half, mean + half
-    verdict = "better" if low > 0 else "worse" if high < 0 else "unresolved"
+    verdict = "unresolved" if n < MIN_PAIRS else "better" if low > 0 else "worse" if high < 0 else "unresolved"
     return PairedResult(n, mean, low, high, wins, losses, n - wins - losses, verdict, seeds)
 
 
@@ -66,4 +69,4 @@ def by_seed(seeds: Sequence[int | None], values: Sequence[float], what: str) -> 
     return out
 
 
-__all__ = ["PairedResult", "by_seed", "paired_difference"]
+__all__ = ["MIN_PAIRS", "PairedResult", "by_seed", "paired_difference"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mola.analysis.paired import PairedResult, by_seed, paired_difference
+from mola.analysis.paired import MIN_PAIRS, PairedResult, by_seed, paired_difference
 from mola.analysis.results import (
     GroupKey,
     RunResult,
@@ -272,8 +272,10 @@ class PairedRow:
 
 
 def find_reference(table: ReportTable, ref: str) -> ReportRow:
-    """The row named ``ref``: its label, its sweep override label, or its arch when only one row has it."""
-    for match in (lambda r: r.label == ref, lambda r: r.key[4] == ref, lambda r: r.key[0] == ref):
+    """The row named ``ref``: its label, its sweep override label or one value of it (``erm`` of ``erm,e20``), or
+    its arch, when exactly one row has it."""
+    for match in (lambda r: r.label == ref, lambda r: r.key[4] == ref, lambda r: ref in r.key[4].split(","),
+                  lambda r: r.key[0] == ref):
         rows = [r for r in table.rows if match(r)]
         if len(rows) == 1:
             return rows[0]
@@ -301,18 +303,36 @@ def paired_rows(table: ReportTable, ref: str, confidence: float = 0.95) -> tuple
     return base, out
 
 
+def _paired_cell(table: ReportTable, col: str, r: PairedResult) -> tuple[str, str]:
+    s = _scale(table, col)
+    ci = f"[{r.low * s:+.2f}, {r.high * s:+.2f}]" if math.isfinite(r.low) else "—"
+    return (f"{r.mean * s:+.2f}" if math.isfinite(r.mean) else "—"), ci
+
+
 def paired_markdown(table: ReportTable, base: ReportRow, rows: list[PairedRow]) -> str:
-    """The paired comparison as Markdown: one line per (method, column), differences signed "+ = better"."""
+    """The paired comparison as Markdown: a summary (Avg and Δm per method), then one line per (method,
+    column); differences signed so that + is better."""
     lines = [f"## Paired by seed against `{base.label}`", "",
              "diff = method - reference per shared seed, signed so that + is better (for Δm: reference - method); "
              "tasks and Avg in points, Δm in %; 95% Student-t interval over seeds; W/L = seeds won/lost; "
-             "verdict: better / worse when the interval excludes 0, else unresolved.", "",
-             "| method | column | n | mean diff | 95% CI | W/L | verdict |", "|---|---|---:|---:|---|---:|---|"]
+             f"verdict: better / worse when the interval excludes 0 (and n >= {MIN_PAIRS}), else unresolved.", ""]
+    summary = [c for c in (AVG, DELTA_M) if c in table.columns]
+    if summary:
+        lines += ["| method | n | " + " | ".join(f"{'Δm%' if c == DELTA_M else c} diff [95% CI], W/L: verdict"
+                                                 for c in summary) + " |",
+                  "|---|---:|" + "---|" * len(summary)]
+        for pr in rows:
+            cells = []
+            for c in summary:
+                r = pr.results[c]
+                mean, ci = _paired_cell(table, c, r)
+                cells.append(f"{mean} {ci}, {r.wins}/{r.losses}: **{r.verdict}**")
+            lines.append(f"| {pr.label} | {pr.results[summary[0]].n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["| method | column | n | mean diff | 95% CI | W/L | verdict |", "|---|---|---:|---:|---|---:|---|"]
     for pr in rows:
         for c, r in pr.results.items():
-            s = _scale(table, c)
-            ci = f"[{r.low * s:+.2f}, {r.high * s:+.2f}]" if math.isfinite(r.low) else "—"
-            mean = f"{r.mean * s:+.2f}" if math.isfinite(r.mean) else "—"
+            mean, ci = _paired_cell(table, c, r)
             name = "Δm%" if c == DELTA_M else c
             lines.append(f"| {pr.label} | {name} | {r.n} | {mean} | {ci} | {r.wins}/{r.losses} | {r.verdict} |")
     return "\n".join(lines) + "\n"
