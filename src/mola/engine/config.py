@@ -43,6 +43,8 @@ class TrainConfig:
     eval_test: bool = True  # also evaluate the test split (final.json)
     select_metric: str = "auto"  # val metric for the best checkpoint; auto: mean acc, or -val loss if not all classify
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or skips that step
+    max_consecutive_skips: int = 3  # on_nonfinite=skip: this many skipped steps in a row stop the run
+    on_nonfinite_metric: Literal["stop", "drop"] = "stop"  # NaN/inf val metric: stop, or drop task from selection
     checkpoint_every_steps: int | None = None  # also write the `last` checkpoint every N steps (null: per epoch)
     progress: bool = True  # show a progress bar
     tensorboard: bool = True  # write TensorBoard events to RUN_DIR/tb
