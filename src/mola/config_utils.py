@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
 
 C = TypeVar("C")
 
@@ -71,12 +74,39 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config key {where!r} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"config key {where!r} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ValueError(f"config key {where!r} must be a string, got {value!r}")
         return value
     return value
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names the same key twice."""
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a mapping with the same key twice (plain YAML keeps the last silently):
+    a ``yaml.YAMLError`` naming the key and both lines."""
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKeyError(f"duplicate key {key!r} (lines {seen[key]} and {line}); YAML would "
+                                        "silently keep only the last value")
+            seen[key] = line
+        return loader.construct_mapping(node, deep=deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def from_dict(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:

@@ -162,6 +162,16 @@ INTERRUPT_HINTS = {
 }
 
 
+def _one_line(err: BaseException) -> str:
+    """The message of a user error; one raised in a DataLoader worker carries the worker's traceback, of which
+    only the last line (the original error) is kept."""
+    msg = str(err)
+    if "Original Traceback" in msg:
+        lines = [ln for ln in msg.splitlines() if ln.strip()]
+        msg = lines[-1].split(": ", 1)[-1] if lines else msg
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. User errors print one line (no traceback): exit 2 for bad input, 3 for a run stopped by
     a non-finite loss/metric, 1 for an OS error (disk full, permissions), 130 for Ctrl-C."""
@@ -177,13 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mola: interrupted (Ctrl-C){'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, RunLockedError) as err:
-        print(f"mola: error: {err}", file=sys.stderr)
+        print(f"mola: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
-        print(f"mola: error: {err}", file=sys.stderr)
+        print(f"mola: error: {_one_line(err)}", file=sys.stderr)
         return 3
     except OSError as err:  # disk full, read-only folder, ...: the message names the path
-        print(f"mola: error: {err}", file=sys.stderr)
+        print(f"mola: error: {_one_line(err)}", file=sys.stderr)
         return 1
 
 

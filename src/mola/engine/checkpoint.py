@@ -333,6 +333,8 @@ def _header(data: bytes, path: Path) -> dict[str, Any]:
         header = json.loads(data[8:8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"unreadable header ({err})") from err
+    except RecursionError:
+        raise ValueError("header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     return header
@@ -353,6 +355,24 @@ def _load_legacy(path: Path, data: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{path} is not a mola checkpoint")
     return obj
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"epoch": (int,), "best_epoch": (int,), "step": (int,), "config": (dict,),
+                                       "model": (dict,), "best_score": (int, float), "history": (list,)}
+
+
+def _check_types(state: dict[str, Any], path: Path) -> None:
+    """Top-level fields of the wrong type (a crafted or foreign file) are a ValueError naming field and type."""
+    for key, types in _TYPES.items():
+        if key not in state:
+            continue
+        v = state[key]
+        if isinstance(v, bool) or not isinstance(v, types):
+            raise ValueError(f"checkpoint {path} is malformed: {key!r} is a {type(v).__name__}, expected "
+                             f"{' or '.join(t.__name__ for t in types)}")
+    bad = [k for k, v in state["model"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"checkpoint {path} is malformed: model entry {bad[0]!r} is not a tensor")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -385,9 +405,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             state = _unflatten(json.loads(skeleton), tensors)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise _corrupt(path, f"bad state record ({err})") from err
+        except RecursionError:
+            raise _corrupt(path, "its state record is nested too deeply") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a mola checkpoint (its state is a {type(state).__name__}, not a mapping)")
     missing = [k for k in ("model", "config", "epoch", "best_epoch") if k not in state]
     if missing:
         raise ValueError(f"{path} is not a complete mola checkpoint (missing {', '.join(missing)})")
+    _check_types(state, path)
     state["path"] = str(path)
     return state
 

@@ -37,7 +37,7 @@ from mola.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mola.engine.config import RunConfig, dump_config
+from mola.engine.config import RunConfig, check_values, dump_config
 from mola.engine.distributed import init_distributed, shard_loaders, wrap_ddp
 from mola.engine.losses import split_targets, task_loss
 from mola.methods import Method, StepContext, get_domain_method, get_weighting
@@ -176,6 +176,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, scenario: Scenario | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        check_values(cfg)  # configs built in code skip load_config
         validate_names(cfg)
         if cfg.model.arch == "single_task":
             raise ValueError("model.arch single_task trains one separate run per task: use "
@@ -184,9 +185,6 @@ class Trainer:
         self.dist = init_distributed(resolve_device(cfg.train.device))  # torchrun: one process per rank
         self.device = self.dist.device
         seed_everything(cfg.train.seed)
-        every = cfg.train.checkpoint_every_steps
-        if every is not None and every < 1:
-            raise ValueError(f"train.checkpoint_every_steps must be >= 1 (or null), got {every}")
         self.scenario = validate_scenario(scenario) if scenario is not None else build_scenario(cfg.data)
         require_nonempty(self.scenario, "train", "val")
         self.tasks = self.scenario.tasks
