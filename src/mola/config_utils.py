@@ -37,13 +37,16 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _convert(a, value, where)
-            except (ValueError, TypeError):
-                continue
+            except (ValueError, TypeError) as err:
+                errors.append(err)
+        if len(errors) == 1:  # one real alternative (X | None): its own message is the most precise
+            raise errors[0]
         raise ValueError(f"config key {where!r}: {value!r} does not match type {tp}")
     if origin is typing.Literal:
         if value not in get_args(tp):

@@ -124,8 +124,6 @@ class ImageFileTransform:
                     im = im.convert("L")
                 return im.convert("RGB" if self.channels == 3 else "L")
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            if str(path) in str(e):
-                raise
             raise ValueError(f"cannot read image file {str(path)!r}: {e}") from e
 
     def __call__(self, path: str | Path) -> Tensor:

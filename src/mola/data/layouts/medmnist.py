@@ -185,6 +185,10 @@ def build_medmnist(cfg: DataConfig) -> Scenario:
             if len(xi) != len(yi):
                 raise ValueError(f"{where}: {len(xi)} images but {len(yi)} labels")
             data[s] = (xi, yi)
+        sizes = {s: tuple(data[s][0].shape[-2:]) for s in data if len(data[s][0])}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"{str(path)!r}: splits hold images of different sizes ("
+                             + ", ".join(f"{s} {hw[0]}x{hw[1]}" for s, hw in sizes.items()) + "); use one resolution")
         if stem in MULTI_LABEL:
             raise ValueError(f"{str(path)!r}: {stem} is multi-label; not supported as a multi-class task")
         if len(have) < len(SPLITS):
@@ -209,9 +213,11 @@ def build_medmnist(cfg: DataConfig) -> Scenario:
     channels = cfg.channels or max(per_task[s]["train"][0].shape[1] for s in stems)
     hw = tuple(per_task[stems[0]]["train"][0].shape[-2:])
     for s in stems:
-        if tuple(per_task[s]["train"][0].shape[-2:]) != hw:
-            raise ValueError(f"medmnist tasks have different image sizes: {stems[0]} {hw}, {s} "
-                             f"{tuple(per_task[s]['train'][0].shape[-2:])} (use files of one resolution)")
+        for split in SPLITS:
+            other = tuple(per_task[s][split][0].shape[-2:])
+            if len(per_task[s][split][0]) and other != hw:
+                raise ValueError(f"medmnist images of different sizes: {stems[0]} train {hw}, {s} {split} {other} "
+                                 f"({str(found[s])!r}; use files of one resolution)")
     size = cfg.image_size or hw[0]
     tf = ResizeTensor(size) if (size, size) != hw else None
     ds = {}
