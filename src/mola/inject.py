@@ -65,6 +65,10 @@ class MoLAConfig:
         return dataclasses.asdict(self)
 
 
+class RankTooLargeError(ValueError):
+    """A MoLA rank above what the targeted layer can use (its weight's rank as a matrix)."""
+
+
 def check_mola_values(cfg: MoLAConfig) -> None:
     """Range checks of a MoLAConfig's numbers (NaN/inf, <= 0): a ValueError naming the field and value."""
 
@@ -123,7 +127,7 @@ def adapter_budget(model: nn.Module, names: list[str], config: MoLAConfig) -> in
             co, ci = base.weight.shape
             usable, size = min(co, ci), e * r * (ci + co)
         if r > usable:
-            raise ValueError(f"MoLA rank {r} for layer {n!r} ({type(base).__name__} weight "
+            raise RankTooLargeError(f"MoLA rank {r} for layer {n!r} ({type(base).__name__} weight "
                              f"{tuple(base.weight.shape)}, layout {config.layout}) exceeds the largest rank its "
                              f"adapter can have ({usable}); use rank <= {usable} (a dict rank sets it per layer)")
         total += size
@@ -533,4 +537,5 @@ def inject(model: nn.Module, config: MoLAConfig, *, max_adapter_gb: float | None
     return MoLAModel(model, config, layers, router, lift)
 
 
-__all__ = ["MoLAConfig", "MoLAModel", "build_router", "inject", "pattern_matches", "resolve_targets"]
+__all__ = ["MoLAConfig", "MoLAModel", "RankTooLargeError", "build_router", "inject", "pattern_matches",
+           "resolve_targets"]

@@ -139,7 +139,8 @@ def _to(batch: Any, device: torch.device) -> Any:
 
 
 RESUME_FREE_KEYS = ("train.epochs", "train.progress", "train.tensorboard", "train.device", "train.eval_test",
-                    "train.checkpoint_every_steps", "train.on_nonfinite", "train.single_task_results")
+                    "train.checkpoint_every_steps", "train.on_nonfinite", "train.single_task_results",
+                    "train.max_consecutive_skips", "train.on_nonfinite_metric")
 """Settings a resumed run may change without a warning (they do not change the trained weights)."""
 
 
