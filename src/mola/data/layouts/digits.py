@@ -112,8 +112,9 @@ def read_usps(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         with h5py.File(path, "r") as h:
             if split not in h or "data" not in h[split] or "target" not in h[split]:
                 raise ValueError(f"HDF5 file {str(path)!r} has no {split}/data and {split}/target")
-            x = np.asarray(h[split]["data"])
-            y = class_labels(np.asarray(h[split]["target"]).reshape(-1), f"HDF5 file {str(path)!r} split {split!r}")
+            where = f"HDF5 file {str(path)!r} split {split!r}"
+            x = pixels_to_unit(np.asarray(h[split]["data"]), where).numpy()  # 0..1 as is, 0..255 scaled, else refused
+            y = class_labels(np.asarray(h[split]["target"]).reshape(-1), where)
     except OSError as e:
         raise ValueError(f"cannot read HDF5 file {str(path)!r}: {e}") from e
     if x.ndim != 2 or x.shape[1] != 256 or len(x) != len(y):
@@ -140,9 +141,8 @@ def load_usps(root: Path) -> dict[str, tuple[Tensor, np.ndarray]]:
     out = {}
     for s in ("train", "test"):
         x, y = read_usps(root / "usps" / "usps.h5", s)
-        # the clamp only trims the resize's overshoot: the raw values were checked to lie in [0, 1] (or 0..255)
-        out[s] = (resize_tensor(_as_unit(x, f"HDF5 file {str(root / 'usps' / 'usps.h5')!r} split {s!r}"), 28)
-                  .clamp_(0, 1), y)
+        # the clamp only trims the resize's overshoot: read_usps checked the raw values (docs/reliability.md)
+        out[s] = (resize_tensor(_as_unit(x), 28).clamp_(0, 1), y)
     return out
 
 
