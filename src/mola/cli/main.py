@@ -44,8 +44,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
                              "or --out DIR for a new one")
         results = [n for n in RESULT_FILES if (run_dir / n).exists()]
-        killed_early = args.resume and results == ["config.yaml"]  # a run killed before its first checkpoint
-        if results and not resumable and not args.overwrite and not killed_early:
+        no_results = results == ["config.yaml"]  # a run stopped before its first checkpoint: nothing to lose
+        if results and not resumable and not args.overwrite and not no_results:
             raise ValueError(f"run directory {run_dir} holds {', '.join(results)} but no checkpoint to resume "
                              "from; pass --overwrite to replace them, or --out DIR for a new run")
         _interrupted_hint[:] = [f"last checkpoint: {checkpoint_path(run_dir, 'last')}; continue with the same "
