@@ -524,3 +524,19 @@ def test_read_only_out_folder_is_refused_before_work(tmp_path: Path, capsys: pyt
 
 def test_matrix_covers_the_issue() -> None:
     assert len(CASES) >= 50 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_office_features_nan_and_fractional_labels_are_refused(tmp_path: Path) -> None:
+    import scipy.io
+
+    folder = tmp_path / "oc" / "surf"
+    folder.mkdir(parents=True)
+    x = np.ones((4, 800))
+    x[2, 5] = np.nan
+    scipy.io.savemat(folder / "amazon_SURF_L10.mat", {"fts": x, "labels": np.array([[1], [2], [3], [4]])})
+    cfg = DataConfig(kind="office_caltech10", root=str(tmp_path / "oc"), domains=["amazon"])
+    with pytest.raises(ValueError, match=r"amazon_SURF_L10\.mat': 'fts' row 2 holds NaN or inf features"):
+        build_scenario(cfg)
+    scipy.io.savemat(folder / "amazon_SURF_L10.mat", {"fts": np.ones((4, 800)), "labels": np.array([1, 2, 2.5, 4])})
+    with pytest.raises(ValueError, match=r"amazon_SURF_L10\.mat': labels must be integers, got 2\.5 at index 2"):
+        build_scenario(cfg)
