@@ -100,7 +100,7 @@ def safe_load_unique(text: str) -> Any:
     def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            key = loader.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if key in seen:
                 raise DuplicateKeyError(f"duplicate key {key!r} (lines {seen[key]} and {line}); YAML would "

@@ -116,20 +116,21 @@ def adapter_budget(model: nn.Module, names: list[str], config: MoLAConfig) -> in
     for n in names:
         base = model.get_submodule(n)
         r = _rank_for(n, config.rank)
+        shape = tuple(int(d) for d in cast(Tensor, base.weight).shape)
         if isinstance(base, nn.Conv2d):
-            co, ci_g, kh, kw = base.weight.shape
+            co, ci_g, kh, kw = shape
             usable = min(co, ci_g * kh * kw)
             if config.layout == "kernel":  # dW = B A: (co*kh, r*kh) x (r*kh, ci_g*kw)
                 size = e * (r * kh * ci_g * kw + co * kh * r * kh)
             else:  # (co, r) x (r, ci_g*kh*kw)
                 size = e * r * (ci_g * kh * kw + co)
         else:
-            co, ci = base.weight.shape
+            co, ci = shape
             usable, size = min(co, ci), e * r * (ci + co)
         if r > usable:
-            raise RankTooLargeError(f"MoLA rank {r} for layer {n!r} ({type(base).__name__} weight "
-                             f"{tuple(base.weight.shape)}, layout {config.layout}) exceeds the largest rank its "
-                             f"adapter can have ({usable}); use rank <= {usable} (a dict rank sets it per layer)")
+            raise RankTooLargeError(f"MoLA rank {r} for layer {n!r} ({type(base).__name__} weight {shape}, layout "
+                                    f"{config.layout}) exceeds the largest rank its adapter can have ({usable}); "
+                                    f"use rank <= {usable} (a dict rank sets it per layer)")
         total += size
     return total
 
