@@ -28,7 +28,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
     from mola.engine import load_config
-    from mola.engine.checkpoint import RunLock, checkpoint_path
+    from mola.engine.checkpoint import RunLock
 
     cfg = load_config(args.config, args.overrides, arch=args.arch, weighting=args.weighting, method=args.method)
     if args.seed is not None:
@@ -48,8 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if results and not resumable and not args.overwrite and not no_results:
             raise ValueError(f"run directory {run_dir} holds {', '.join(results)} but no checkpoint to resume "
                              "from; pass --overwrite to replace them, or --out DIR for a new run")
-        _interrupted_hint[:] = [f"last checkpoint: {checkpoint_path(run_dir, 'last')}; continue with the same "
-                                f"command plus --resume (mola train ... --out {run_dir} --resume)"]
+        _interrupted_hint[:] = [str(run_dir)]
         return _train(cfg, run_dir, args, resumable)
 
 
@@ -162,6 +161,18 @@ INTERRUPT_HINTS = {
 }
 
 
+def _train_hint(run_dir: Path) -> str:
+    """What a Ctrl-C in ``mola train`` tells: the newest checkpoint on disk and the command that continues."""
+    from mola.engine.checkpoint import checkpoint_path
+    from mola.engine.single_task import run_has_checkpoint
+
+    last = checkpoint_path(run_dir, "last")
+    where = (f"last checkpoint: {last}" if last.is_file() else
+             f"checkpoints of the per-task runs in {run_dir / 'tasks'}" if run_has_checkpoint(run_dir) else
+             "no checkpoint written yet (rerun the same command)")
+    return f"{where}; continue with the same command plus --resume (mola train ... --out {run_dir} --resume)"
+
+
 def _one_line(err: BaseException) -> str:
     """The message of a user error; one raised in a DataLoader worker carries the worker's traceback, of which
     only the last line (the original error) is kept."""
@@ -183,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        hint = (_interrupted_hint or [INTERRUPT_HINTS.get(args.command, "")])[0]
+        hint = _train_hint(Path(_interrupted_hint[0])) if _interrupted_hint else INTERRUPT_HINTS.get(args.command, "")
         print(f"mola: interrupted (Ctrl-C){'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, RunLockedError) as err:
