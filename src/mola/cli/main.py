@@ -167,9 +167,9 @@ def _train_hint(run_dir: Path) -> str:
     from mola.engine.single_task import run_has_checkpoint
 
     last = checkpoint_path(run_dir, "last")
-    where = (f"last checkpoint: {last}" if last.is_file() else
-             f"checkpoints of the per-task runs in {run_dir / 'tasks'}" if run_has_checkpoint(run_dir) else
-             "no checkpoint written yet (rerun the same command)")
+    if not run_has_checkpoint(run_dir):
+        return f"no checkpoint written yet in {run_dir}; rerun the same command to start again"
+    where = f"last checkpoint: {last}" if last.is_file() else f"checkpoints of the per-task runs in {run_dir / 'tasks'}"
     return f"{where}; continue with the same command plus --resume (mola train ... --out {run_dir} --resume)"
 
 
