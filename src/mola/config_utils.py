@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
 
 C = TypeVar("C")
 
@@ -34,13 +37,16 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _convert(a, value, where)
-            except (ValueError, TypeError):
-                continue
+            except (ValueError, TypeError) as err:
+                errors.append(err)
+        if len(errors) == 1:  # one real alternative (X | None): its own message is the most precise
+            raise errors[0]
         raise ValueError(f"config key {where!r}: {value!r} does not match type {tp}")
     if origin is typing.Literal:
         if value not in get_args(tp):
@@ -71,12 +77,39 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config key {where!r} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"config key {where!r} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ValueError(f"config key {where!r} must be a string, got {value!r}")
         return value
     return value
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names the same key twice."""
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a mapping with the same key twice (plain YAML keeps the last silently):
+    a ``yaml.YAMLError`` naming the key and both lines."""
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKeyError(f"duplicate key {key!r} (lines {seen[key]} and {line}); YAML would "
+                                        "silently keep only the last value")
+            seen[key] = line
+        return loader.construct_mapping(node, deep=deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def from_dict(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:

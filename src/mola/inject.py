@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +55,7 @@ class MoLAConfig:
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"MoLAConfig.{key}={getattr(self, key)!r}; expected one of {list(allowed)}")
-        if self.twd_weight < 0 or self.twd_tau <= 0:
-            raise ValueError("MoLAConfig: twd_weight must be >= 0 and twd_tau > 0")
+        check_mola_values(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MoLAConfig:
@@ -62,6 +63,76 @@ class MoLAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+class RankTooLargeError(ValueError):
+    """A MoLA rank above what the targeted layer can use (its weight's rank as a matrix)."""
+
+
+def check_mola_values(cfg: MoLAConfig) -> None:
+    """Range checks of a MoLAConfig's numbers (NaN/inf, <= 0): a ValueError naming the field and value."""
+
+    def bad(key: str, value: Any, want: str) -> ValueError:
+        return ValueError(f"MoLAConfig.{key}={value!r}; expected {want}")
+
+    def number(key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(key, value, "a finite number")
+        return float(value)
+
+    def integer(key: str, value: Any, low: int, optional: bool = False) -> None:
+        if optional and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise bad(key, value, f"an integer >= {low}" + (" or None" if optional else ""))
+
+    integer("num_experts", cfg.num_experts, 0)
+    ranks = cfg.rank.items() if isinstance(cfg.rank, dict) else [("", cfg.rank)]
+    for pat, r in ranks:
+        integer(f"rank[{pat!r}]" if pat else "rank", r, 1)
+    if number("alpha", cfg.alpha) <= 0:
+        raise bad("alpha", cfg.alpha, "a number > 0 (scaling s = alpha / rank)")
+    if number("twd_weight", cfg.twd_weight) < 0:
+        raise bad("twd_weight", cfg.twd_weight, "a number >= 0")
+    if number("twd_tau", cfg.twd_tau) <= 0:
+        raise bad("twd_tau", cfg.twd_tau, "a number > 0")
+    integer("lift_dim", cfg.lift_dim, 1)
+    integer("lift_hidden", cfg.lift_hidden, 1, optional=True)
+    integer("router_input_size", cfg.router_input_size, 1, optional=True)
+    integer("router_in_channels", cfg.router_in_channels, 1, optional=True)
+
+
+MAX_ADAPTER_GB = 8.0
+"""Default limit of ``inject(..., max_adapter_gb=)``: adapters estimated above it are refused before allocation."""
+ADAPTER_WARN_FACTOR = 10.0
+"""``inject`` warns when the adapters hold more than this many times the wrapped model's parameters."""
+
+
+def adapter_budget(model: nn.Module, names: list[str], config: MoLAConfig) -> int:
+    """Adapter parameters ``inject`` would create for ``names``; a ValueError for a rank above what a layer can
+    use (min(fan-out, fan-in): the rank of the layer's weight as a matrix; more only wastes memory)."""
+    total = 0
+    e = config.num_experts
+    for n in names:
+        base = model.get_submodule(n)
+        r = _rank_for(n, config.rank)
+        shape = tuple(int(d) for d in cast(Tensor, base.weight).shape)
+        if isinstance(base, nn.Conv2d):
+            co, ci_g, kh, kw = shape
+            usable = min(co, ci_g * kh * kw)
+            if config.layout == "kernel":  # dW = B A: (co*kh, r*kh) x (r*kh, ci_g*kw)
+                size = e * (r * kh * ci_g * kw + co * kh * r * kh)
+            else:  # (co, r) x (r, ci_g*kh*kw)
+                size = e * r * (ci_g * kh * kw + co)
+        else:
+            co, ci = shape
+            usable, size = min(co, ci), e * r * (ci + co)
+        if r > usable:
+            raise RankTooLargeError(f"MoLA rank {r} for layer {n!r} ({type(base).__name__} weight {shape}, layout "
+                                    f"{config.layout}) exceeds the largest rank its adapter can have ({usable}); "
+                                    f"use rank <= {usable} (a dict rank sets it per layer)")
+        total += size
+    return total
 
 
 # -- target matching ----------------------------------------------------------------------------------
@@ -300,7 +371,9 @@ class MoLAModel(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.cpu().contiguous().clone() for k, v in self._adapter_state().items()}
-        meta = {"format": "mola-adapters", "mola_version": __version__, "config": json.dumps(self._meta_config())}
+        config = json.dumps(self._meta_config())
+        meta = {"format": "mola-adapters", "mola_version": __version__, "config": config,
+                "sha256": _adapter_digest(config, tensors)}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
@@ -327,6 +400,12 @@ class MoLAModel(nn.Module):
             raise ValueError(f"corrupt or unreadable adapter file {path}: {err}") from err
         if meta.get("format") != "mola-adapters" or "config" not in meta:
             raise ValueError(f"{path} is not a mola adapter file (no mola metadata)")
+        if "sha256" not in meta:
+            warnings.warn(f"adapter file {path} has no checksum (written by an older mola); its content cannot be "
+                          "verified", RuntimeWarning, stacklevel=2)
+        elif _adapter_digest(meta["config"], tensors) != meta["sha256"]:
+            raise ValueError(f"corrupt adapter file {path}: the sha256 of its content does not match the one "
+                             "recorded when it was written")
         saved = json.loads(meta["config"])
         mine = json.loads(json.dumps(self._meta_config()))
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
@@ -374,6 +453,17 @@ class MoLAModel(nn.Module):
         return out
 
 
+def _adapter_digest(config: str, tensors: dict[str, Tensor]) -> str:
+    """sha256 of an adapter file's config string and every tensor's key, dtype, shape and bytes."""
+    h = hashlib.sha256(config.encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"\0{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -402,8 +492,11 @@ def build_router(model: nn.Module, config: MoLAConfig) -> nn.Module:
     return MLPRouter(fin, config.num_experts)
 
 
-def inject(model: nn.Module, config: MoLAConfig) -> MoLAModel:
-    """Replace the targeted Conv2d/Linear modules of ``model`` in place with MoLA layers; return the MoLAModel."""
+def inject(model: nn.Module, config: MoLAConfig, *, max_adapter_gb: float | None = MAX_ADAPTER_GB) -> MoLAModel:
+    """Replace the targeted Conv2d/Linear modules of ``model`` in place with MoLA layers; return the MoLAModel.
+
+    The adapters' size is estimated first: above ``max_adapter_gb`` (None: no limit) it is a ValueError, and
+    adapters much larger than the model get a warning."""
     if not isinstance(config, MoLAConfig):
         raise ValueError(f"inject expects a MoLAConfig, got {type(config).__name__}")
     if config.num_experts < 1:
@@ -411,6 +504,19 @@ def inject(model: nn.Module, config: MoLAConfig) -> MoLAModel:
     if any(isinstance(m, MoLALayer) for m in model.modules()):
         raise ValueError("model already contains MoLA layers; inject into the original model once")
     names = resolve_targets(model, config.target_modules)
+    n_adapter = adapter_budget(model, names, config)
+    p0 = next(model.parameters(), None)
+    gb = n_adapter * (p0.element_size() if p0 is not None else 4) / 1e9
+    if max_adapter_gb is not None and gb > max_adapter_gb:
+        raise ValueError(f"MoLA adapters would need {gb:.1f} GB ({n_adapter:,} parameters for num_experts="
+                         f"{config.num_experts}, rank={config.rank} on {len(names)} layer(s)), above the limit "
+                         f"max_adapter_gb={max_adapter_gb:g}; lower num_experts/rank, or pass "
+                         "inject(..., max_adapter_gb=None) to lift the limit")
+    n_model = sum(p.numel() for p in model.parameters())
+    if n_model and n_adapter > ADAPTER_WARN_FACTOR * n_model:
+        warnings.warn(f"MoLA adapters hold {n_adapter:,} parameters, {n_adapter / n_model:.0f}x the "
+                      f"{n_model:,} of the model they adapt (num_experts={config.num_experts}, rank={config.rank}): "
+                      "check rank and num_experts", RuntimeWarning, stacklevel=2)
     layers: dict[str, MoLALayer] = {}
     for n in names:
         base = model.get_submodule(n)
@@ -432,4 +538,5 @@ def inject(model: nn.Module, config: MoLAConfig) -> MoLAModel:
     return MoLAModel(model, config, layers, router, lift)
 
 
-__all__ = ["MoLAConfig", "MoLAModel", "build_router", "inject", "pattern_matches", "resolve_targets"]
+__all__ = ["MoLAConfig", "MoLAModel", "RankTooLargeError", "build_router", "inject", "pattern_matches",
+           "resolve_targets"]

@@ -97,6 +97,13 @@ class TaskCentroids:
         if cents.ndim != 2 or cents.shape[0] != len(out.tasks) or not out.sigma2 > 0:
             raise ValueError(f"{where} is malformed: {cents.shape} centroids for {len(out.tasks)} tasks, "
                              f"sigma2={out.sigma2}")
+        if not math.isfinite(out.sigma2):
+            raise ValueError(f"{where} is malformed: sigma2={out.sigma2} is not finite")
+        bad = [t for t, row, n in zip(out.tasks, cents, out.counts, strict=False) if n and not np.isfinite(row).all()]
+        if bad:  # a task without codes may have an empty (NaN) centroid; one with codes may not
+            raise ValueError(f"{where} is corrupt: the centroid of task(s) {', '.join(map(repr, bad))} holds NaN or "
+                             "inf values (every image would go to one task); recompute it with "
+                             "`mola predict --compute-centroids`")
         return out
 
     def save(self, path: str | os.PathLike[str]) -> Path:

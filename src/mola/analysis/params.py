@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from mola.inject import RankTooLargeError
 from mola.models.base import num_parameters
 
 RANKS: tuple[int, ...] = (1, 4, 8, 16, 64)
@@ -50,10 +51,15 @@ def single_task_total(counts: dict[str, int], num_tasks: int, shared_head: bool 
 
 
 def count_vs_rank(build_fn: Callable[[int], nn.Module], ranks: Iterable[int] = RANKS) -> list[dict[str, Any]]:
-    """One row per rank r: parameter counts by part of ``build_fn(r)`` (a fresh model with MoLA rank r)."""
+    """One row per rank r: parameter counts by part of ``build_fn(r)`` (a fresh model with MoLA rank r); ranks
+    above what the model's layers can use (``RankTooLargeError``) have no row."""
     rows = []
     for r in ranks:
-        rows.append({"rank": int(r), **parameter_counts(build_fn(int(r)))})
+        try:
+            model = build_fn(int(r))
+        except RankTooLargeError:
+            continue
+        rows.append({"rank": int(r), **parameter_counts(model)})
     return rows
 
 

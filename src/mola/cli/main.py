@@ -5,29 +5,57 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from mola import __version__
+from mola.cli.checks import check_writable_dir, check_writable_file
 
 
 def _run_dir(cfg, out: str | None) -> Path:
     return Path(out) if out else Path(cfg.out_dir) / cfg.name
 
 
+RESULT_FILES = ("config.yaml", "metrics.csv", "final.json", "task_centroids.json")
+"""Files of a run folder that ``mola train --out`` never silently overwrites."""
+
+_interrupted_hint: list[str] = []  # what a Ctrl-C should tell (set by commands that write resumable state)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from mola.engine import Trainer, format_table, load_config
+    from contextlib import nullcontext
+
+    from mola.engine import load_config
+    from mola.engine.checkpoint import RunLock
 
     cfg = load_config(args.config, args.overrides, arch=args.arch, weighting=args.weighting, method=args.method)
     if args.seed is not None:
         cfg.train.seed = args.seed
     run_dir = _run_dir(cfg, args.out)
-    from mola.engine.single_task import fit_single_task, run_has_checkpoint
+    check_writable_dir(run_dir, "run directory (--out)")
+    from mola.engine.single_task import run_has_checkpoint
 
-    resumable = run_has_checkpoint(run_dir)
-    if resumable and not args.resume:
-        raise ValueError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
-                         "or --out DIR for a new one")
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 owns (and writes) the run folder
+    with RunLock(run_dir) if rank0 else nullcontext():
+        resumable = run_has_checkpoint(run_dir)
+        if resumable and not args.resume:
+            raise ValueError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
+                             "or --out DIR for a new one")
+        results = [n for n in RESULT_FILES if (run_dir / n).exists()]
+        no_results = results == ["config.yaml"]  # a run stopped before its first checkpoint: nothing to lose
+        if results and not resumable and not args.overwrite and not no_results:
+            raise ValueError(f"run directory {run_dir} holds {', '.join(results)} but no checkpoint to resume "
+                             "from; pass --overwrite to replace them, or --out DIR for a new run")
+        _interrupted_hint[:] = [str(run_dir)]
+        return _train(cfg, run_dir, args, resumable)
+
+
+def _train(cfg: Any, run_dir: Path, args: argparse.Namespace, resumable: bool) -> int:
+    from mola.engine import Trainer, format_table
+    from mola.engine.single_task import fit_single_task
+
     if cfg.model.arch == "single_task":  # the paper's protocol: one separate run per task
         final = fit_single_task(cfg, run_dir, resume=args.resume)
         split = "test" if final["test"] else "val"
@@ -55,6 +83,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mola.engine import RunConfig, Trainer, format_table
     from mola.engine.checkpoint import checkpoint_path, load_checkpoint
 
+    if args.output:
+        check_writable_file(Path(args.output), "--output")
     path = checkpoint_path(args.checkpoint, "best")
     ckpt = load_checkpoint(path)
     cfg = from_dict(RunConfig, ckpt["config"])
@@ -107,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="shorthand for train.seed")
     t.add_argument("--out", help="run directory (default: out_dir/name)")
     t.add_argument("--resume", action="store_true", help="continue the run in the run directory")
+    t.add_argument("--overwrite", action="store_true",
+                   help="train into a run directory that holds results (config.yaml, metrics.csv, final.json) "
+                        "but no checkpoint, replacing them")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="evaluate a checkpoint file or a run directory's best checkpoint")
     e.add_argument("--checkpoint", required=True)
@@ -121,20 +154,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+INTERRUPT_HINTS = {
+    "sweep": "run the same `mola sweep` command again: finished runs are skipped, interrupted ones resume from "
+             "their last checkpoint",
+    "eval": "nothing was written", "predict": "nothing was written",
+}
+
+
+def _train_hint(run_dir: Path) -> str:
+    """What a Ctrl-C in ``mola train`` tells: the newest checkpoint on disk and the command that continues."""
+    from mola.engine.checkpoint import checkpoint_path
+    from mola.engine.single_task import run_has_checkpoint
+
+    last = checkpoint_path(run_dir, "last")
+    if not run_has_checkpoint(run_dir):
+        return f"no checkpoint written yet in {run_dir}; rerun the same command to start again"
+    where = f"last checkpoint: {last}" if last.is_file() else f"checkpoints of the per-task runs in {run_dir / 'tasks'}"
+    return f"{where}; continue with the same command plus --resume (mola train ... --out {run_dir} --resume)"
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of a user error; one raised in a DataLoader worker carries the worker's traceback, of which
+    only the last line (the original error) is kept."""
+    msg = str(err)
+    if "Original Traceback" in msg:
+        lines = [ln for ln in msg.splitlines() if ln.strip()]
+        msg = lines[-1].split(": ", 1)[-1] if lines else msg
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. User errors print one line (no traceback): exit 2 for bad input, 3 for a run stopped by
+    a non-finite loss/metric, 1 for an OS error (disk full, permissions), 130 for Ctrl-C."""
     args = build_parser().parse_args(argv)
+    from mola.engine.checkpoint import RunLockedError
+    from mola.engine.trainer import NonFiniteLossError
+
+    _interrupted_hint[:] = []
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"mola: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        hint = _train_hint(Path(_interrupted_hint[0])) if _interrupted_hint else INTERRUPT_HINTS.get(args.command, "")
+        print(f"mola: interrupted (Ctrl-C){'; ' + hint if hint else ''}", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RunLockedError) as err:
+        print(f"mola: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        from mola.engine.trainer import NonFiniteLossError
-
-        if not isinstance(err, NonFiniteLossError):
-            raise
-        print(f"mola: error: {err}", file=sys.stderr)
+    except NonFiniteLossError as err:
+        print(f"mola: error: {_one_line(err)}", file=sys.stderr)
         return 3
+    except OSError as err:  # disk full, read-only folder, ...: the message names the path
+        print(f"mola: error: {_one_line(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -215,6 +215,14 @@ def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from mola.cli.checks import check_writable_file
+    from mola.engine.trainer import resolve_device
+
+    if args.top_k < 1 or args.batch_size < 1:
+        bad = ("--top-k", args.top_k) if args.top_k < 1 else ("--batch-size", args.batch_size)
+        raise ValueError(f"{bad[0]} must be >= 1, got {bad[1]}")
+    resolve_device(args.device, "--device")
+    check_writable_file(Path(args.out), "--out")
     rows = predict_images(args.checkpoint, args.images, args.task, args.device, args.batch_size, args.top_k,
                           args.compute_centroids)
     out = write_csv(rows, args.out)

@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from mola.config_utils import safe_load_unique
 from mola.engine.single_task import run_has_checkpoint
 
 GRID_AXES = ("arch", "method", "weighting", "seed")
@@ -161,7 +162,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if not p.is_file():
         raise FileNotFoundError(f"sweep file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = safe_load_unique(p.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"sweep file {p} is not valid YAML: {err}") from err
     return parse_sweep(data or {}, p.parent)

@@ -63,6 +63,30 @@ def normalize_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]
     return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (GRAY_MEAN * channels, GRAY_STD * channels)
 
 
+def high_depth_to_8bit(im: Image.Image, path: str | Path) -> Image.Image:
+    """A gray image of more than 8 bits (PIL modes I;16*, I, F) as mode L, scaled by its range: 16-bit / 257;
+    32-bit integers and floats by their values (0..1 x 255, 0..255 as is, 0..65535 / 257); NaN/inf or other
+    ranges are a ValueError naming the file."""
+    if not (im.mode.startswith("I;16") or im.mode in ("I", "F")):
+        return im
+    import numpy as np
+
+    a = np.asarray(im, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError(f"image file {str(path)!r} holds NaN or inf pixels")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if im.mode.startswith("I;16") or (im.mode == "I" and hi > 255):
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"image file {str(path)!r}: pixel values {lo:g}..{hi:g} are outside 0..65535")
+        a = a / 257.0
+    elif im.mode == "F" and hi <= 1.0 and lo >= 0:
+        a = a * 255.0
+    elif lo < 0 or hi > 255:
+        raise ValueError(f"image file {str(path)!r} (mode {im.mode}): pixel values {lo:g}..{hi:g} are outside "
+                         "0..1 and 0..255")
+    return Image.fromarray(np.rint(a).astype(np.uint8), "L")
+
+
 class ImageFileTransform:
     """Open an image file lazily and turn it into a normalised (C, size, size) float tensor.
 
@@ -89,14 +113,17 @@ class ImageFileTransform:
         self.pipeline = T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])
 
     def load(self, path: str | Path) -> Image.Image:
-        """Read ``path`` into an RGB (or L) PIL image; any decoding failure is a ValueError naming it."""
+        """Read ``path`` into an RGB (or L) PIL image; any decoding failure (or a decompression bomb) is a
+        ValueError naming it. 16-bit and 32-bit gray images are scaled to 8 bits by their bit depth (PIL's own
+        ``convert`` would clip them, making every pixel of a 16-bit PNG white)."""
         try:
             with Image.open(path) as im:
                 im.load()
+                im = high_depth_to_8bit(im, path)
                 if self.gray or self.channels == 1:
                     im = im.convert("L")
                 return im.convert("RGB" if self.channels == 3 else "L")
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"cannot read image file {str(path)!r}: {e}") from e
 
     def __call__(self, path: str | Path) -> Tensor:

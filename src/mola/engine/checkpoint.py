@@ -12,6 +12,10 @@ so a kill at any moment leaves at least one good ``last`` and a corrupt newest o
 
 ``checkpoint_path`` is the one place that knows file names; ``load_checkpoint`` reads any of them (and the
 legacy ``.pt`` files of older runs, with ``torch.load(weights_only=True)``).
+
+Fault injection (for tests of kills at exact instants): ``MOLA_FAULT=POINT[:N]`` makes the process SIGKILL itself
+the N-th time (default 1st) it passes the named point; ``fault_point`` lists the points. ``RunLock`` gives a run
+folder one owner.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import json
 import os
 import random
 import secrets
+import signal
+import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any, cast
@@ -68,6 +75,112 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
+# ------------------------------------------------------------------------------------ fault injection
+FAULT_ENV = "MOLA_FAULT"
+FAULT_POINTS = ("best.tmp_written", "best.written", "last.tmp_written", "last.prev_kept", "last.written",
+                "metrics.written", "final.written")
+"""Named instants of a run's writes, in the order an epoch end passes them (``<file>.tmp_written``: temp file
+complete, not yet renamed; ``last.prev_kept``: old ``last`` linked to ``last.prev``; ``<file>.written``: renamed)."""
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process here if ``MOLA_FAULT`` names this point (and this is its N-th pass); else nothing."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    point, _, count = spec.partition(":")
+    if point != name:
+        return
+    _fault_hits[name] = _fault_hits.get(name, 0) + 1
+    if _fault_hits[name] == (int(count) if count else 1):
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+# -------------------------------------------------------------------------------------- run-folder lock
+LOCK_NAME = ".mola.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+class RunLockedError(RuntimeError):
+    """Another live process owns the run folder (its lock names the process)."""
+
+
+class RunLock:
+    """Exclusive ownership of a run folder for the life of a run: ``RUN_DIR/.mola.lock`` holds
+    ``pid host``. Another live process's lock is a RuntimeError naming it; a lock left by a process that no
+    longer exists (same host) is stale and taken over with a warning. Re-entrant within one process."""
+
+    _held: dict[str, int] = {}
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self.key = str(self.path.resolve())
+
+    def _owner(self) -> tuple[int, str] | None:
+        try:
+            pid, host = self.path.read_text().split()[:2]
+            return int(pid), host
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> RunLock:
+        if self._held.get(self.key):
+            self._held[self.key] += 1
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = f"{os.getpid()} {socket.gethostname()}\n"
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None:  # being written by its owner right now, or garbage: look again, then judge
+                    time.sleep(0.05)
+                    owner = self._owner()
+                    if owner is None:
+                        self.path.unlink(missing_ok=True)
+                        continue
+                pid, host = owner
+                if host == socket.gethostname() and (pid == os.getpid() or not _pid_alive(pid)):
+                    warnings.warn(f"run folder {self.path.parent}: removing the stale lock of process {pid}, "
+                                  "which no longer runs", RuntimeWarning, stacklevel=2)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise RunLockedError(f"run folder {self.path.parent} is in use by process {pid} on {host} (lock "
+                                   f"{self.path}); wait for it, stop it, or train into another --out. If that "
+                                   "process is gone, delete the lock file") from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(me)
+            self._held[self.key] = 1
+            return self
+        raise RuntimeError(f"could not take the lock {self.path} of run folder {self.path.parent}")
+
+    def release(self) -> None:
+        n = self._held.get(self.key, 0)
+        if n > 1:
+            self._held[self.key] = n - 1
+            return
+        self._held.pop(self.key, None)
+        if n and self._owner() == (os.getpid(), socket.gethostname()):
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 # -------------------------------------------------------------------------------------- atomic writes
 def _fsync_dir(folder: Path) -> None:
     try:
@@ -85,11 +198,12 @@ def _temp_name(path: Path) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
-def atomic_write_bytes(data: bytes, path: Path, keep_previous: Path | None = None) -> None:
+def atomic_write_bytes(data: bytes, path: Path, keep_previous: Path | None = None, fault: str | None = None) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename: never half-written.
 
     With ``keep_previous``, an existing ``path`` is first hard-linked (copied where links are not supported)
-    to that name, so the old content survives the replacement and ``path`` never disappears."""
+    to that name, so the old content survives the replacement and ``path`` never disappears. ``fault`` names
+    this write's fault-injection points (``<fault>.tmp_written`` ...)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = str(_temp_name(path))
@@ -99,10 +213,16 @@ def atomic_write_bytes(data: bytes, path: Path, keep_previous: Path | None = Non
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if fault:
+            fault_point(f"{fault}.tmp_written")
         if keep_previous is not None and path.exists():
             _preserve(path, Path(keep_previous))
+            if fault:
+                fault_point(f"{fault}.prev_kept")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+        if fault:
+            fault_point(f"{fault}.written")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -213,6 +333,8 @@ def _header(data: bytes, path: Path) -> dict[str, Any]:
         header = json.loads(data[8:8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"unreadable header ({err})") from err
+    except RecursionError:
+        raise ValueError("header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     return header
@@ -233,6 +355,24 @@ def _load_legacy(path: Path, data: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{path} is not a mola checkpoint")
     return obj
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"epoch": (int,), "best_epoch": (int,), "step": (int,), "config": (dict,),
+                                       "model": (dict,), "best_score": (int, float), "history": (list,)}
+
+
+def _check_types(state: dict[str, Any], path: Path) -> None:
+    """Top-level fields of the wrong type (a crafted or foreign file) are a ValueError naming field and type."""
+    for key, types in _TYPES.items():
+        if key not in state:
+            continue
+        v = state[key]
+        if isinstance(v, bool) or not isinstance(v, types):
+            raise ValueError(f"checkpoint {path} is malformed: {key!r} is a {type(v).__name__}, expected "
+                             f"{' or '.join(t.__name__ for t in types)}")
+    bad = [k for k, v in state["model"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"checkpoint {path} is malformed: model entry {bad[0]!r} is not a tensor")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -265,9 +405,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             state = _unflatten(json.loads(skeleton), tensors)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise _corrupt(path, f"bad state record ({err})") from err
+        except RecursionError:
+            raise _corrupt(path, "its state record is nested too deeply") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a mola checkpoint (its state is a {type(state).__name__}, not a mapping)")
     missing = [k for k in ("model", "config", "epoch", "best_epoch") if k not in state]
     if missing:
         raise ValueError(f"{path} is not a complete mola checkpoint (missing {', '.join(missing)})")
+    _check_types(state, path)
     state["path"] = str(path)
     return state
 
@@ -275,13 +420,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def save_checkpoint(state: dict[str, Any], run_dir: str | Path, which: str | tuple[str, ...] = "last") -> list[Path]:
     """Write ``state`` as checkpoint(s) ``which`` ("last", "best" or both) of ``run_dir``, atomically.
 
-    The ``last`` it replaces is kept as ``last.prev``. Returns the paths written."""
+    The ``last`` it replaces is kept as ``last.prev``. ``best`` is always written before ``last``: a kill
+    between the two leaves the old ``last``, so the resumed run redoes that epoch and rewrites ``best`` (the
+    other order would leave a ``last`` whose ``best_epoch`` names weights that ``best`` does not hold).
+    Returns the paths written."""
     names = (which,) if isinstance(which, str) else tuple(which)
+    names = tuple(sorted(names, key=lambda n: n != "best"))
     data = checkpoint_bytes(state)
     out = []
     for name in names:
         path = _path(Path(run_dir), name)
-        atomic_write_bytes(data, path, keep_previous=_path(Path(run_dir), PREVIOUS) if name == "last" else None)
+        atomic_write_bytes(data, path, keep_previous=_path(Path(run_dir), PREVIOUS) if name == "last" else None,
+                           fault=name)
         out.append(path)
     return out
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from mola.config_utils import from_dict
+from mola.config_utils import from_dict, safe_load_unique
 from mola.data.config import DataConfig
 from mola.models.base import ModelConfig
 
@@ -43,6 +44,8 @@ class TrainConfig:
     eval_test: bool = True  # also evaluate the test split (final.json)
     select_metric: str = "auto"  # val metric for the best checkpoint; auto: mean acc, or -val loss if not all classify
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or skips that step
+    max_consecutive_skips: int = 3  # on_nonfinite=skip: this many skipped steps in a row stop the run
+    on_nonfinite_metric: Literal["stop", "drop"] = "stop"  # NaN/inf val metric: stop, or drop task from selection
     checkpoint_every_steps: int | None = None  # also write the `last` checkpoint every N steps (null: per epoch)
     progress: bool = True  # show a progress bar
     tensorboard: bool = True  # write TensorBoard events to RUN_DIR/tb
@@ -118,7 +121,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             hint = f" Did you mean {', '.join(str(p.parent / c) for c in close)}?" if close else ""
             raise FileNotFoundError(f"config file not found: {p}.{hint}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = safe_load_unique(p.read_text())
         except yaml.YAMLError as err:
             raise ValueError(f"config file {p} is not valid YAML: {err}") from err
         if loaded is not None and not isinstance(loaded, dict):
@@ -134,7 +137,48 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if weighting is not None:
         _merge(data, {"train": {"weighting": weighting}})
     apply_overrides(data, overrides or [])
-    return from_dict(RunConfig, data)
+    cfg = from_dict(RunConfig, data)
+    check_values(cfg)
+    return cfg
+
+
+# dotted key -> (lowest allowed value, inclusive?, null allowed?): numbers a run config may hold
+_RANGES: dict[str, tuple[float, bool, bool]] = {
+    "data.image_size": (1, True, True), "data.channels": (1, True, True),
+    "data.val_fraction": (0, True, False), "data.test_fraction": (0, True, False),
+    "data.max_per_task": (1, True, True), "data.max_eval_per_task": (1, True, True),
+    "data.batch_size": (1, True, False), "data.eval_batch_size": (1, True, False),
+    "data.num_workers": (0, True, False),
+    "model.backbone.width": (1, True, False), "model.head_hidden": (1, True, False),
+    "train.epochs": (1, True, False), "train.max_steps_per_epoch": (1, True, True),
+    "train.checkpoint_every_steps": (1, True, True), "train.max_consecutive_skips": (1, True, False),
+    "optim.lr": (0, False, True), "optim.momentum": (0, True, False), "optim.weight_decay": (0, True, True),
+    "optim.grad_clip": (0, False, True),
+}
+
+
+def check_values(cfg: RunConfig) -> None:
+    """Range checks of a run config's numbers, done when it is read (before any data or model is built): a
+    ValueError naming the key, the value and the allowed range. NaN/inf are refused when a number is parsed."""
+    d = cfg.to_dict()
+    for key, (low, inclusive, nullable) in _RANGES.items():
+        node: Any = d
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None and nullable:
+            continue
+        ok = isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node) and (
+            node >= low if inclusive else node > low)
+        if not ok:
+            rng = f"{'>=' if inclusive else '>'} {low:g}" + (" (or null)" if nullable else "")
+            raise ValueError(f"config key {key} must be {rng}, got {node!r}")
+    for key in ("data.val_fraction", "data.test_fraction", "optim.momentum"):
+        value = d[key.split(".")[0]][key.split(".")[1]]
+        if value >= 1:
+            raise ValueError(f"config key {key} must be < 1, got {value!r}")
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
+        raise ValueError(f"data.val_fraction + data.test_fraction must be < 1 (nothing left to train on), got "
+                         f"{cfg.data.val_fraction} + {cfg.data.test_fraction}")
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:

@@ -27,7 +27,9 @@ from mola.data.base import Scenario
 from mola.data.loaders import make_loaders, set_loader_position
 from mola.data.validate import require_nonempty, validate_scenario
 from mola.engine.checkpoint import (
+    RunLock,
     checkpoint_path,
+    fault_point,
     load_checkpoint,
     load_latest,
     remove_stale_temp_files,
@@ -35,7 +37,7 @@ from mola.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mola.engine.config import RunConfig, dump_config
+from mola.engine.config import RunConfig, check_values, dump_config
 from mola.engine.distributed import init_distributed, shard_loaders, wrap_ddp
 from mola.engine.losses import split_targets, task_loss
 from mola.methods import Method, StepContext, get_domain_method, get_weighting
@@ -46,6 +48,10 @@ from mola.models.base import MultiTaskModel
 
 class NonFiniteLossError(RuntimeError):
     """A task loss became NaN/inf; the message names the step, the task and the last good checkpoint."""
+
+
+class NonFiniteMetricError(NonFiniteLossError):
+    """A validation loss or selection metric is NaN/inf; the message names the task, epoch, split and metric."""
 
 
 def seed_everything(seed: int) -> None:
@@ -80,10 +86,25 @@ def validate_names(cfg: RunConfig) -> None:
                          f"Valid names: {', '.join(valid)}")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, what: str = "train.device") -> torch.device:
+    """``auto`` -> cuda if available, else cpu; any other name must parse and exist here (ValueError naming it)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"{what} {name!r} is not a device name (use auto, cpu, cuda, cuda:N or mps)") from err
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"{what} {name!r}: no CUDA GPU is available here (use cpu or auto)")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"{what} {name!r}: this machine has {n} CUDA GPU(s), cuda:0..cuda:{n - 1}")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"{what} {name!r}: MPS is not available here (use cpu or auto)")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{what} {name!r}: mola runs on cpu, cuda or mps")
+    return dev
 
 
 def build_optimizer(cfg: RunConfig, params: list[nn.Parameter], heterogeneity: str,
@@ -118,7 +139,8 @@ def _to(batch: Any, device: torch.device) -> Any:
 
 
 RESUME_FREE_KEYS = ("train.epochs", "train.progress", "train.tensorboard", "train.device", "train.eval_test",
-                    "train.checkpoint_every_steps", "train.on_nonfinite", "train.single_task_results")
+                    "train.checkpoint_every_steps", "train.on_nonfinite", "train.single_task_results",
+                    "train.max_consecutive_skips", "train.on_nonfinite_metric")
 """Settings a resumed run may change without a warning (they do not change the trained weights)."""
 
 
@@ -155,6 +177,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, scenario: Scenario | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        check_values(cfg)  # configs built in code skip load_config
         validate_names(cfg)
         if cfg.model.arch == "single_task":
             raise ValueError("model.arch single_task trains one separate run per task: use "
@@ -163,9 +186,6 @@ class Trainer:
         self.dist = init_distributed(resolve_device(cfg.train.device))  # torchrun: one process per rank
         self.device = self.dist.device
         seed_everything(cfg.train.seed)
-        every = cfg.train.checkpoint_every_steps
-        if every is not None and every < 1:
-            raise ValueError(f"train.checkpoint_every_steps must be >= 1 (or null), got {every}")
         self.scenario = validate_scenario(scenario) if scenario is not None else build_scenario(cfg.data)
         require_nonempty(self.scenario, "train", "val")
         self.tasks = self.scenario.tasks
@@ -202,8 +222,50 @@ class Trainer:
         self.batch_in_epoch = 0  # batches of epoch ``self.epoch`` already trained (a mid-epoch checkpoint)
         self._epoch_loss: tuple[Tensor, Tensor] | None = None  # per-task loss sums/counts of those batches
         self.skipped_steps = 0
+        self._skips_in_a_row = 0
+        self._check_select_metric()
+        self._check_single_task_results()
 
     # -- bookkeeping ---------------------------------------------------------------------------------
+    def _check_select_metric(self) -> None:
+        """``train.select_metric`` must be reported by some task: checked here, not after the first epoch."""
+        key = self.cfg.train.select_metric
+        if key == "auto":
+            return
+        reported = {"loss"}
+        for task in self.tasks:
+            try:
+                reported |= set(make_meter(task).compute())
+            except Exception:  # noqa: BLE001 - a meter that cannot compute empty: its names are unknown here
+                return
+        if key not in reported:
+            raise ValueError(f"train.select_metric {key!r} is not reported by any task of this scenario; "
+                             f"valid: {', '.join(sorted(reported))}")
+
+    def _check_single_task_results(self) -> None:
+        """``train.single_task_results`` must be a readable final.json with test metrics for every task: checked
+        here, not after all the training."""
+        ref = self.cfg.train.single_task_results
+        if not ref:
+            return
+        p = Path(ref)
+        if not p.is_file():
+            raise FileNotFoundError(f"train.single_task_results: file not found: {p} (the final.json of a "
+                                    "single-task run)")
+        try:
+            single = json.loads(p.read_text())["test"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"train.single_task_results {p} is not a final.json with test metrics ({err!r})") from err
+        missing = [t.name for t in self.tasks if not isinstance(single, dict) or not isinstance(
+            single.get(t.name), dict) or primary_metric(t) not in single[t.name]]
+        if missing:
+            metrics = "/".join(sorted({primary_metric(t) for t in self.tasks}))
+            raise ValueError(f"train.single_task_results {p} has no test {metrics} for task(s) {', '.join(missing)}")
+
+    def _last_good(self) -> str:
+        last = checkpoint_path(self.run_dir, "last")
+        return str(last) if last.exists() else "none"
+
     def _steps_per_epoch(self) -> int:
         n = len(self.loaders["train"])
         m = self.cfg.train.max_steps_per_epoch
@@ -275,9 +337,19 @@ class Trainer:
     def save(self, which: str | tuple[str, ...] = "last") -> list[Path]:
         """Write the current state as checkpoint(s) ``which`` ("last", "best") of the run directory; under DDP
         only rank 0 writes (and returns the paths) and every rank waits until the files are in place."""
+        bad = [n for n, v in self.model.state_dict().items()
+               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise NonFiniteLossError(
+                f"model weights became non-finite at epoch {self.epoch} step {self.step} ({len(bad)} tensor(s): "
+                f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); not writing them as a checkpoint. "
+                f"Last good checkpoint: {self._last_good()} (lower optim.lr or set optim.grad_clip)")
         paths = save_checkpoint(self.state(), self.run_dir, which) if self.dist.is_main else []
         self.dist.barrier()
         return paths
+
+    def _extra_name(self) -> str:
+        return "twd" if self.cfg.model.arch == "mola" else "extra_loss"
 
     # -- steps ---------------------------------------------------------------------------------------
     def _forward_losses(self, x: Tensor, y: Any, t: Tensor,
@@ -317,10 +389,16 @@ class Trainer:
                     outputs, losses, targets = self._forward_losses(x, y, t)
                     extra = self.model.extra_loss()
             losses = self.dist.global_losses(losses, targets, self.tasks)  # DDP: global-batch means
-            vals = torch.stack([v.detach().float() for v in losses.values()])
+            named = [v.detach().float() for v in losses.values()]
+            if extra is not None:  # the architecture's extra loss (lambda * TwD) is checked like the task losses
+                named.append(extra.detach().float().reshape(()))
+            vals = torch.stack(named)
             if not bool(torch.isfinite(vals).all()):
                 bad = [self.tasks[k].name for k, v in losses.items() if not torch.isfinite(v.detach())]
-                if self.cfg.train.on_nonfinite == "skip":
+                if extra is not None and not bool(torch.isfinite(extra.detach()).all()):
+                    bad.append(f"{self._extra_name()} (the architecture's extra loss)")
+                if self.cfg.train.on_nonfinite == "skip" and \
+                        self._skips_in_a_row + 1 < max(1, self.cfg.train.max_consecutive_skips):
                     if self.ddp is not None and not self._manual_sync:  # DDP waits for the backward of a forward
                         torch.stack([v.float() for v in losses.values()]).sum().mul(0.0).backward()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -328,16 +406,24 @@ class Trainer:
                         b.copy_(old)
                     self.step += 1
                     self.skipped_steps += 1
+                    self._skips_in_a_row += 1
                     warnings.warn(f"skipped step {self.step - 1} (epoch {self.epoch}, batch {i}): non-finite loss "
                                   f"for task(s) {', '.join(bad)} (train.on_nonfinite=skip)", RuntimeWarning,
                                   stacklevel=2)
                     continue
-                last = checkpoint_path(self.run_dir, "last")
+                if self.cfg.train.on_nonfinite == "skip":
+                    raise NonFiniteLossError(
+                        f"non-finite loss at epoch {self.epoch} step {self.step} (batch {i}) for task(s) "
+                        f"{', '.join(bad)}: {self._skips_in_a_row + 1} steps in a row were non-finite "
+                        f"(train.max_consecutive_skips={self.cfg.train.max_consecutive_skips}), so skipping "
+                        f"cannot help; last good checkpoint: {self._last_good()} (lower optim.lr, set "
+                        "optim.grad_clip, or check the data)")
                 raise NonFiniteLossError(
                     f"non-finite loss at epoch {self.epoch} step {self.step} (batch {i}) for task(s) "
-                    f"{', '.join(bad)}; last good checkpoint: {last if last.exists() else 'none'} "
+                    f"{', '.join(bad)}; last good checkpoint: {self._last_good()} "
                     "(resume from it with `mola train --resume`, or set train.on_nonfinite=skip to skip such steps)"
                 )
+            self._skips_in_a_row = 0
             ctx = StepContext(model=self.model, shared_params=self.shared_params, task_params=self.task_params,
                               task_ids=t, num_tasks=len(self.tasks), features=self.model.features,
                               outputs=outputs, targets=targets, extra_loss=extra, epoch=self.epoch, step=self.step,
@@ -347,7 +433,7 @@ class Trainer:
             if self.ddp is not None:  # DDP averaged the model's gradients, except under no_sync
                 self.dist.average_gradients(self.params if self._manual_sync
                                             else [p for p in self.method.parameters() if p.requires_grad])
-            if self.cfg.optim.grad_clip:
+            if self.cfg.optim.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
             self.optimizer.step()
             if self.scheduler is not None:
@@ -394,23 +480,43 @@ class Trainer:
             results[task.name] = res
         return results
 
-    def select_score(self, val: dict[str, dict[str, float]]) -> float:
-        """Higher is better. Default: mean accuracy if every task classifies, else minus the mean val loss."""
+    def select_score(self, val: dict[str, dict[str, float]], epoch: int | None = None) -> float:
+        """Higher is better. Default: mean accuracy if every task classifies, else minus the mean val loss.
+
+        A task whose val loss or selection metric is NaN/inf raises NonFiniteMetricError naming the task, epoch
+        and split; with ``train.on_nonfinite_metric: drop`` it is left out of the score with a warning."""
         key = self.cfg.train.select_metric
         if key == "auto":
-            if all(t.kind == "classification" for t in self.tasks):
-                key = "acc"
-            else:
-                return -float(np.mean([r["loss"] for r in val.values()]))
-        vals = [r[key] for r in val.values() if key in r]
-        if not vals:
+            key = "acc" if all(t.kind == "classification" for t in self.tasks) else "loss"
+        epoch = self.epoch if epoch is None else epoch
+        if not any(key in r for r in val.values()):
             raise ValueError(f"train.select_metric {key!r} is not reported by any task")
-        score = float(np.nanmean(vals))
-        return score if HIGHER_IS_BETTER.get(key, True) else -score
+        bad = {name: (m, r[m]) for name, r in val.items() for m in dict.fromkeys(("loss", key))
+               if m in r and not math.isfinite(r[m])}
+        if bad:
+            what = "; ".join(f"task {n!r}: val {m} = {v}" for n, (m, v) in bad.items())
+            if self.cfg.train.on_nonfinite_metric != "drop" or len(bad) == len(val):
+                raise NonFiniteMetricError(
+                    f"non-finite validation metric at epoch {epoch} (split val): {what}; the best-on-val "
+                    f"checkpoint cannot be chosen. Last good checkpoint: {self._last_good()}"
+                    + ("" if len(bad) == len(val) else
+                       " (set train.on_nonfinite_metric=drop to leave such tasks out of the selection score)"))
+            warnings.warn(f"epoch {epoch}: leaving task(s) {', '.join(repr(n) for n in bad)} out of the selection "
+                          f"score (non-finite: {what}; train.on_nonfinite_metric=drop)", RuntimeWarning,
+                          stacklevel=2)
+        vals = [r[key] for n, r in val.items() if key in r and n not in bad]
+        score = float(np.mean(vals))
+        return score if HIGHER_IS_BETTER.get(key, key != "loss") else -score
 
     # -- the run -------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train for the configured epochs (from the current epoch on), write metrics, checkpoints, final.json."""
+        """Train for the configured epochs (from the current epoch on), write metrics, checkpoints, final.json.
+
+        The run folder is locked (``RunLock``) for the whole run: a second run into it is refused."""
+        with RunLock(self.run_dir) if self.dist.is_main else nullcontext():
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         main = self.dist.is_main  # under DDP only rank 0 writes files (docs/distributed.md)
@@ -435,13 +541,14 @@ class Trainer:
                 row.update({f"val/{tn}/{m}": v for tn, r in val.items() for m, v in r.items()})
                 self.history.append(row)
                 self.epoch += 1
-                improved = score > self.best_score or self.best_epoch < 0  # a NaN score still gives a best
+                improved = score > self.best_score or self.best_epoch < 0  # the score is finite (select_score)
                 if improved:
-                    self.best_score = -math.inf if math.isnan(score) else score
+                    self.best_score = score
                     self.best_epoch = self.epoch - 1
                 self.save(("last", "best") if improved else "last")
                 if main:
                     self._write_metrics()
+                    fault_point("metrics.written")
                 if writer is not None:
                     for k, v in row.items():
                         if isinstance(v, (int, float)) and k not in ("epoch", "step"):
@@ -503,6 +610,7 @@ class Trainer:
             tmp = self.run_dir / ".final.json.tmp"
             tmp.write_text(json.dumps(final, indent=2, default=float))
             tmp.replace(self.run_dir / "final.json")
+            fault_point("final.written")
         # leave the model at the best checkpoint, as evaluated
         return final
 

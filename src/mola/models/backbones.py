@@ -4,6 +4,7 @@ dense mode, a vector (B, C) for MLPs and ViTs otherwise; ``out_dim`` is C. Weigh
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ class BackboneConfig:
 
     name: str = "small_cnn"  # small_cnn, resnet18, resnet50, mlp, vit_small or timm:<model name>
     weights: str | None = None  # local state-dict file to initialise from (classifier keys skipped)
+    strict: bool = True  # weights must fit the backbone (no missing/unexpected/mis-shaped key); false: load the rest
     dilated: bool | None = None  # keep resolution in the last stages (null: only for dense tasks)
     small_input: bool | None = None  # ResNet 3x3 stem without max-pool (null: when the input side <= 64)
     width: int = 32  # small_cnn base width; mlp hidden sizes 16w, 8w; vit_small dim 4w
@@ -39,8 +41,11 @@ BackboneBuilder = Callable[[tuple[int, ...], BackboneConfig, bool], nn.Module]
 BACKBONES: Registry[BackboneBuilder] = Registry("backbone")
 
 
-def load_local_weights(model: nn.Module, path: str, skip_prefixes: tuple[str, ...] = ("fc.", "head.")) -> None:
-    """Load a local state dict (weights_only), ignoring classifier keys and input-layer shape mismatches."""
+def load_local_weights(model: nn.Module, path: str, skip_prefixes: tuple[str, ...] = ("fc.", "head."),
+                       strict: bool = True) -> None:
+    """Load a local state dict (weights_only), ignoring classifier keys. ``strict``: a file that does not fit
+    (missing, unexpected or mis-shaped keys, e.g. ResNet-50 weights for a ResNet-18) is a ValueError listing
+    them; otherwise the fitting tensors load and the rest is named in a warning."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {p} (weights are never downloaded)")
@@ -50,11 +55,29 @@ def load_local_weights(model: nn.Module, path: str, skip_prefixes: tuple[str, ..
         raise ValueError(f"cannot read backbone weights {p}: {err}") from err
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"backbone weights {p} are not a state dict of tensors")
     own = model.state_dict()
     keep = {k: v for k, v in state.items()
             if k in own and not k.startswith(skip_prefixes) and v.shape == own[k].shape}
     if not keep:
         raise ValueError(f"backbone weights {p} share no tensor with {type(model).__name__}")
+    missing = [k for k in own if k not in state and not k.startswith(skip_prefixes)
+               and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own and not k.startswith(skip_prefixes)]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and not k.startswith(skip_prefixes) and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = "; ".join(f"{name} ({len(keys)}): {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
+                          for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                             ("shape mismatch", shapes)) if keys)
+        msg = (f"backbone weights {p} do not fit {type(model).__name__} ({len(keep)} of {len(own)} tensors fit); "
+               f"{parts}")
+        if strict:
+            raise ValueError(f"{msg}. Is the file for another architecture? Set model.backbone.strict: false to "
+                             "load only the fitting tensors")
+        warnings.warn(f"{msg}; loading the {len(keep)} fitting tensors (model.backbone.strict: false)",
+                      RuntimeWarning, stacklevel=2)
     model.load_state_dict(keep, strict=False)
 
 
@@ -105,7 +128,7 @@ def _resnet(depth: int) -> BackboneBuilder:
                 _dilate_basic_stage(net.layer3, 2)
                 _dilate_basic_stage(net.layer4, 4)
         if cfg.weights:
-            load_local_weights(net, cfg.weights)
+            load_local_weights(net, cfg.weights, strict=cfg.strict)
         return ResNetBackbone(net, input_shape[0], small)
 
     return build
@@ -148,7 +171,7 @@ def _small_cnn(input_shape: tuple[int, ...], cfg: BackboneConfig, dense: bool) -
         raise ValueError(f"small_cnn needs image inputs (C, H, W), got input shape {input_shape}")
     net = SmallCNN(input_shape[0], cfg.width, dense if cfg.dilated is None else cfg.dilated)
     if cfg.weights:
-        load_local_weights(net, cfg.weights)
+        load_local_weights(net, cfg.weights, strict=cfg.strict)
     return net
 
 
@@ -185,7 +208,7 @@ def _mlp(input_shape: tuple[int, ...], cfg: BackboneConfig, dense: bool) -> nn.M
     net = MLP(int(torch.tensor(input_shape).prod()), hidden, float(cfg.options.get("dropout", 0.1)),
               str(cfg.options.get("norm", "batch")))
     if cfg.weights:
-        load_local_weights(net, cfg.weights)
+        load_local_weights(net, cfg.weights, strict=cfg.strict)
     return net
 
 
@@ -267,7 +290,7 @@ def _vit_small(input_shape: tuple[int, ...], cfg: BackboneConfig, dense: bool) -
                    int(o.get("dim", 4 * cfg.width)), int(o.get("depth", 6)), int(o.get("heads", 4)),
                    float(o.get("mlp_ratio", 4.0)), dense)
     if cfg.weights:
-        load_local_weights(net, cfg.weights)
+        load_local_weights(net, cfg.weights, strict=cfg.strict)
     return net
 
 
@@ -313,6 +336,6 @@ def build_backbone(cfg: BackboneConfig, input_shape: tuple[int, ...], dense: boo
         net = timm.create_model(cfg.name[5:], pretrained=False, num_classes=0, in_chans=input_shape[0],
                                 **cfg.options)
         if cfg.weights:
-            load_local_weights(net, cfg.weights)
+            load_local_weights(net, cfg.weights, strict=cfg.strict)
         return TimmBackbone(net, dense)
     return BACKBONES.get(cfg.name)(tuple(input_shape), cfg, dense)

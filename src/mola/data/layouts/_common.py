@@ -134,6 +134,83 @@ def cap_splits(
     return {s: cap(idx, limits[s], rng) for s, idx in splits.items()}
 
 
+# -------------------------------------------------------------------------------------------- values
+MAX_CLASSES = 100_000
+"""Largest class count a label file may imply (a label of 10**9 would allocate a head of 10**9 outputs)."""
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))[0])
+
+
+def pixels_to_unit(x: np.ndarray, where: str) -> Tensor:
+    """Image array -> float32 tensor in [0, 1], by the value range of its dtype (docs/reliability.md):
+    uint8 / 255, uint16 / 65535, other integers and floats by their values: within [0, 1] as is, within
+    [0, 255] / 255, within [0, 65535] (integers) / 65535. NaN/inf pixels, or values outside these ranges, are a
+    ValueError naming ``where`` (file and split) and the first bad sample's index."""
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(x)).float() / 255.0
+    if x.dtype == np.uint16:
+        return torch.from_numpy(x.astype(np.float32) / 65535.0)
+    if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise ValueError(f"{where}: images must be numbers, got dtype {x.dtype}")
+    if not len(x):
+        return torch.from_numpy(x.astype(np.float32))
+    if np.issubdtype(x.dtype, np.floating):
+        bad = ~np.isfinite(x)
+        if bad.any():
+            i = _first_bad(bad)
+            raise ValueError(f"{where}: image at index {i} holds NaN or inf pixels")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0:
+        i = _first_bad(x < 0)
+        raise ValueError(f"{where}: pixel value {lo:g} at index {i} is negative; images must hold values in "
+                         "[0, 1] or [0, 255] (or an unsigned integer dtype)")
+    if hi <= 1.0:
+        return torch.from_numpy(x.astype(np.float32))
+    if hi <= 255.0:
+        return torch.from_numpy(x.astype(np.float32) / 255.0)
+    if np.issubdtype(x.dtype, np.integer) and hi <= 65535:
+        return torch.from_numpy(x.astype(np.float32) / 65535.0)
+    i = _first_bad(x > (65535 if np.issubdtype(x.dtype, np.integer) else 255))
+    raise ValueError(f"{where}: pixel value {hi:g} at index {i} is outside the accepted ranges [0, 1], [0, 255]"
+                     + (" and [0, 65535]" if np.issubdtype(x.dtype, np.integer) else " (float images)"))
+
+
+def class_labels(y: np.ndarray, where: str) -> np.ndarray:
+    """Labels -> int64 class indices; fractional, NaN, negative or absurdly large (> MAX_CLASSES) labels are a
+    ValueError naming ``where`` and the first bad index (labels are never rounded or truncated)."""
+    try:
+        out = as_int64(y, "labels")
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    if len(out):
+        bad = (out < 0) | (out >= MAX_CLASSES)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{where}: label {out[i]} at index {i} is not a class index 0..{MAX_CLASSES - 1} "
+                             "(labels must be 0..C-1)")
+    return out
+
+
+def verify_image_files(paths: Sequence[str | Path]) -> None:
+    """Open every image file's header and run PIL's ``verify`` (no full decode): a truncated, corrupt or
+    decompression-bomb file is a ValueError naming it when the layout is read, not in epoch 3."""
+    from PIL import Image, UnidentifiedImageError
+
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                w, h = im.size
+                if w * h > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                    raise ValueError(f"{w}x{h} pixels, above the decompression-bomb limit of "
+                                     f"{Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS)")
+                im.verify()
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot read image file {str(p)!r}: {e}") from e
+
+
 # ------------------------------------------------------------------------------------------- datasets
 class ImageFileDataset(TaskDataset):
     """Lazy image-file dataset: a path, label and task id per sample; images are read in ``__getitem__``."""

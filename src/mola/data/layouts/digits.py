@@ -28,8 +28,10 @@ from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
 from mola.data.config import DataConfig
 from mola.data.layouts._common import (
     cap,
+    class_labels,
     concat_task_ids,
     name_seed,
+    pixels_to_unit,
     require_dir,
     require_file,
     resolve_root,
@@ -93,7 +95,12 @@ def read_digit_csv(path: Path, side: int = 28) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"cannot read csv file {str(path)!r}: {e}") from e
     if a.shape[1] != side * side + 1:
         raise ValueError(f"csv file {str(path)!r}: expected {side * side + 1} columns, got {a.shape[1]}")
-    return a[:, :-1].clip(0, 255).astype(np.uint8).reshape(-1, side, side), a[:, -1]
+    pix = a[:, :-1]
+    bad = (pix < 0) | (pix > 255)
+    if bad.any():
+        i = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise ValueError(f"csv file {str(path)!r}: row {i} holds pixel value {pix[i][bad[i]][0]} outside 0..255")
+    return pix.astype(np.uint8).reshape(-1, side, side), class_labels(a[:, -1], f"csv file {str(path)!r}")
 
 
 def read_usps(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -105,8 +112,9 @@ def read_usps(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         with h5py.File(path, "r") as h:
             if split not in h or "data" not in h[split] or "target" not in h[split]:
                 raise ValueError(f"HDF5 file {str(path)!r} has no {split}/data and {split}/target")
-            x = np.asarray(h[split]["data"], dtype=np.float32)
-            y = np.asarray(h[split]["target"]).astype(np.int64).reshape(-1)
+            where = f"HDF5 file {str(path)!r} split {split!r}"
+            x = pixels_to_unit(np.asarray(h[split]["data"]), where).numpy()  # 0..1 as is, 0..255 scaled, else refused
+            y = class_labels(np.asarray(h[split]["target"]).reshape(-1), where)
     except OSError as e:
         raise ValueError(f"cannot read HDF5 file {str(path)!r}: {e}") from e
     if x.ndim != 2 or x.shape[1] != 256 or len(x) != len(y):
@@ -114,11 +122,10 @@ def read_usps(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 16, 16), y
 
 
-def _as_unit(x: np.ndarray) -> Tensor:
-    """(N, H, W) uint8 or [0,1] float -> (N, 1, H, W) float32 in [0, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
-    return t.unsqueeze(1)
+def _as_unit(x: np.ndarray, where: str = "digit images") -> Tensor:
+    """(N, H, W) images -> (N, 1, H, W) float32 in [0, 1] (``pixels_to_unit``: NaN or out-of-range values are
+    refused, never clamped)."""
+    return pixels_to_unit(x, where).unsqueeze(1)
 
 
 def load_mnist(root: Path) -> dict[str, tuple[Tensor, np.ndarray]]:
@@ -134,6 +141,7 @@ def load_usps(root: Path) -> dict[str, tuple[Tensor, np.ndarray]]:
     out = {}
     for s in ("train", "test"):
         x, y = read_usps(root / "usps" / "usps.h5", s)
+        # the clamp only trims the resize's overshoot: read_usps checked the raw values (docs/reliability.md)
         out[s] = (resize_tensor(_as_unit(x), 28).clamp_(0, 1), y)
     return out
 

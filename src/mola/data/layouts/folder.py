@@ -8,6 +8,7 @@ Each domain is split on its own into train/val/test (seeded, stratified by class
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from mola.data.layouts._common import (
     stratified_split,
     subdirs,
     tree,
+    verify_image_files,
 )
 from mola.data.registry import SCENARIOS
 from mola.data.transforms import ImageFileTransform
@@ -100,6 +102,7 @@ def build_file_splits(
             paths += p
             labels += lab
             tids += [t] * len(p)
+        verify_image_files(paths)  # header + verify now: a corrupt file fails here, not in epoch 3
         tf = ImageFileTransform(size, channels, augment=cfg.augment and s == "train", gray=gray)
         out[s] = ImageFileDataset(paths, labels, tids, tf)
     return out
@@ -113,11 +116,16 @@ def build_folder(cfg: DataConfig) -> Scenario:
     files = {d: scan_group(root / d, FOLDER_LAYOUT, "domain") for d in domains}
     classes = sorted(set().union(*(f.keys() for f in files.values())))
     class_index = {c: i for i, c in enumerate(classes)}
+    missing = {d: sorted(set(classes) - set(files[d])) for d in domains if set(files[d]) != set(classes)}
+    if missing:  # the label space is the union of class folders (documented); say which domains lack which
+        detail = "; ".join(f"{d} lacks {', '.join(m)}" for d, m in missing.items())
+        warnings.warn(f"the domains of {str(root)!r} have different class folders ({detail}); the shared head "
+                      f"uses the union of all {len(classes)} classes, so these domains never show some of them",
+                      RuntimeWarning, stacklevel=2)
     per_domain = {d: split_group(files[d], class_index, cfg, d) for d in domains}
     size = cfg.image_size or 224
     channels = cfg.channels or 3
     ds = build_file_splits(domains, per_domain, cfg, size, channels)
-    missing = {d: sorted(set(classes) - set(files[d])) for d in domains if set(files[d]) != set(classes)}
     notes = (
         f"DomainBed folder layout at {str(root)!r}: {len(domains)} domains, {len(classes)} classes (sorted "
         f"union of class folders), per-domain seeded stratified split val={cfg.val_fraction} "

@@ -27,8 +27,10 @@ from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
 from mola.data.config import DataConfig
 from mola.data.layouts._common import (
     cap_splits,
+    class_labels,
     concat_task_ids,
     name_seed,
+    pixels_to_unit,
     require_dir,
     resolve_root,
     stratified_split,
@@ -61,18 +63,16 @@ def _labels(y: np.ndarray, where: str) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] > 1:
         raise ValueError(f"{where}: labels {y.shape} are multi-label; medmnist tasks must be multi-class")
-    return y.reshape(-1).astype(np.int64)
+    return class_labels(y.reshape(-1), where)
 
 
 def _images(x: np.ndarray, where: str) -> Tensor:
-    """(N,H,W) or (N,H,W,C) uint8 -> (N,C,H,W) float32 normalised to [-1, 1]."""
+    """(N,H,W) or (N,H,W,C) -> (N,C,H,W) float32 in [-1, 1] (``pixels_to_unit``: uint8/uint16/0..255 scaled)."""
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise ValueError(f"{where}: images must be (N,H,W) or (N,H,W,3), got {x.shape}")
-    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float()
-    if x.dtype == np.uint8:
-        t = t / 255.0
+    t = pixels_to_unit(x, where).permute(0, 3, 1, 2)
     return (t - 0.5) / 0.5
 
 
@@ -185,6 +185,10 @@ def build_medmnist(cfg: DataConfig) -> Scenario:
             if len(xi) != len(yi):
                 raise ValueError(f"{where}: {len(xi)} images but {len(yi)} labels")
             data[s] = (xi, yi)
+        sizes = {s: tuple(data[s][0].shape[-2:]) for s in data if len(data[s][0])}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"{str(path)!r}: splits hold images of different sizes ("
+                             + ", ".join(f"{s} {hw[0]}x{hw[1]}" for s, hw in sizes.items()) + "); use one resolution")
         if stem in MULTI_LABEL:
             raise ValueError(f"{str(path)!r}: {stem} is multi-label; not supported as a multi-class task")
         if len(have) < len(SPLITS):
@@ -209,9 +213,11 @@ def build_medmnist(cfg: DataConfig) -> Scenario:
     channels = cfg.channels or max(per_task[s]["train"][0].shape[1] for s in stems)
     hw = tuple(per_task[stems[0]]["train"][0].shape[-2:])
     for s in stems:
-        if tuple(per_task[s]["train"][0].shape[-2:]) != hw:
-            raise ValueError(f"medmnist tasks have different image sizes: {stems[0]} {hw}, {s} "
-                             f"{tuple(per_task[s]['train'][0].shape[-2:])} (use files of one resolution)")
+        for split in SPLITS:
+            other = tuple(per_task[s][split][0].shape[-2:])
+            if len(per_task[s][split][0]) and other != hw:
+                raise ValueError(f"medmnist images of different sizes: {stems[0]} train {hw}, {s} {split} {other} "
+                                 f"({str(found[s])!r}; use files of one resolution)")
     size = cfg.image_size or hw[0]
     tf = ResizeTensor(size) if (size, size) != hw else None
     ds = {}

@@ -49,8 +49,10 @@ def _load_npy(path: str) -> np.ndarray:
 class NYUv2Dataset(TaskDataset):
     """Lazy NYUv2 split: sample i reads ``<split>/{image,label,depth,normal}/<name_i>.npy``."""
 
-    def __init__(self, folder: Path, names: list[str], tasks: list[str]) -> None:
+    def __init__(self, folder: Path, names: list[str], tasks: list[str],
+                 size: tuple[int, int] | None = None) -> None:
         self.folder, self.names, self.tasks = folder, list(names), list(tasks)
+        self.size = size  # (H, W) every image must have (batches stack them); None: not checked
         self.task_ids = np.full(len(self.names), ALL_TASKS, dtype=np.int64)
 
     def _path(self, sub: str, i: int) -> str:
@@ -62,16 +64,29 @@ class NYUv2Dataset(TaskDataset):
             p = self._path("image", i)
             raise ValueError(f"NYUv2 image {p!r} has shape {tuple(x.shape)}, expected (3,H,W)")
         hw = tuple(x.shape[-2:])
+        if self.size is not None and hw != tuple(self.size):
+            raise ValueError(f"NYUv2 image {self._path('image', i)!r} (index {i}) is {hw[0]}x{hw[1]}, but the "
+                             f"images of this scenario are {self.size[0]}x{self.size[1]} (use one resolution)")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"NYUv2 image {self._path('image', i)!r} (index {i}) holds NaN or inf pixels")
         out: dict[str, Tensor] = {}
         for t in self.tasks:
             p = self._path(FOLDER_OF[t], i)
             a = _load_npy(p)
             if t == "segmentation":
-                y = torch.from_numpy(np.rint(np.asarray(a, dtype=np.float64)).astype(np.int64))
+                a = np.asarray(a, dtype=np.float64)
+                bad = ~np.isfinite(a) | (a != np.rint(a)) | (a < -1) | (a >= NUM_SEG_CLASSES)
+                if bad.any():
+                    v = a.reshape(-1)[int(np.flatnonzero(bad.reshape(-1))[0])]
+                    raise ValueError(f"NYUv2 segmentation label file {p!r} (index {i}) holds {v}; labels must be "
+                                     f"integers in 0..{NUM_SEG_CLASSES - 1} or -1 (ignore)")
+                y = torch.from_numpy(a.astype(np.int64))
                 y = y.reshape(y.shape[-2:]) if y.dim() == 3 and y.shape[0] == 1 else y
                 want = hw
             else:
                 y = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+                if not bool(torch.isfinite(y).all()):
+                    raise ValueError(f"NYUv2 {t} target {p!r} (index {i}) holds NaN or inf values")
                 y = y.unsqueeze(0) if (t == "depth" and y.dim() == 2) else y
                 want = (1 if t == "depth" else 3, *hw)
             if tuple(y.shape) != want:
@@ -131,6 +146,8 @@ def build_nyuv2(cfg: DataConfig) -> Scenario:
     val = NYUv2Dataset(root / "train", [train_names[i] for i in va], tasks)
     test = NYUv2Dataset(root / "val", [test_names[i] for i in te], tasks)
     x0, _, _ = train[0]
+    for ds in (train, val, test):
+        ds.size = (int(x0.shape[-2]), int(x0.shape[-1]))
     return Scenario(
         name="nyuv2",
         heterogeneity="single_input",

@@ -25,6 +25,7 @@ from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
 from mola.data.config import DataConfig
 from mola.data.layouts._common import (
     cap_splits,
+    class_labels,
     concat_task_ids,
     name_seed,
     require_dir,
@@ -62,7 +63,10 @@ def read_mat(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
             found = [n for n in mat if not n.startswith("__")]
             raise ValueError(f".mat file {str(path)!r} has no key {k!r} (keys: {found})")
     x = np.asarray(mat[key], dtype=np.float64)
-    y = np.asarray(mat["labels"]).reshape(-1).astype(np.int64)
+    y = class_labels(np.asarray(mat["labels"]).reshape(-1), f".mat file {str(path)!r}")  # 1.5 is refused, not cut
+    if x.ndim == 2 and not np.isfinite(x).all():
+        i = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+        raise ValueError(f".mat file {str(path)!r}: {key!r} row {i} holds NaN or inf features")
     if x.ndim != 2 or len(x) != len(y):
         raise ValueError(f".mat file {str(path)!r}: {key!r} {x.shape} does not match labels ({len(y)},)")
     if len(y) and (y.min() < 1 or y.max() > NUM_CLASSES):
