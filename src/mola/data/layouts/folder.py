@@ -100,7 +100,8 @@ def build_file_splits(
             paths += p
             labels += lab
             tids += [t] * len(p)
-        tf = ImageFileTransform(size, channels, augment=cfg.augment and s == "train", gray=gray)
+        recipe = "paper" if cfg.augment == "paper" else "domainbed"
+        tf = ImageFileTransform(size, channels, augment=bool(cfg.augment) and s == "train", gray=gray, recipe=recipe)
         out[s] = ImageFileDataset(paths, labels, tids, tf)
     return out
 
