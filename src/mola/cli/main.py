@@ -22,6 +22,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         cfg.train.seed = args.seed
     run_dir = _run_dir(cfg, args.out)
+    if args.dry_run:
+        from mola.engine.dryrun import dry_run, format_dry_run
+
+        print(format_dry_run(dry_run(cfg, run_dir)))
+        return 0
     from mola.engine.single_task import fit_single_task, run_has_checkpoint
 
     resumable = run_has_checkpoint(run_dir)
@@ -44,8 +49,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     final = trainer.fit()
     if main:
         split = "test" if final["test"] else "val"
-        print(f"\n{cfg.name}: {split} metrics of the best-on-val checkpoint (epoch {final['best_epoch']}), "
-              f"run dir {run_dir}")
+        print(f"\n{cfg.name}: {split} metrics of the best checkpoint (epoch {final['best_epoch']}; selected on "
+              f"{final['selection']['note']}), run dir {run_dir}")
         print(format_table(final, split))
     return 0
 
@@ -107,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="shorthand for train.seed")
     t.add_argument("--out", help="run directory (default: out_dir/name)")
     t.add_argument("--resume", action="store_true", help="continue the run in the run directory")
+    t.add_argument("--dry-run", action="store_true",
+                   help="build data spec, model, method and optimizer, print a summary, train and write nothing "
+                        "(paper presets use a synthetic stand-in: no data needed)")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="evaluate a checkpoint file or a run directory's best checkpoint")
     e.add_argument("--checkpoint", required=True)
