@@ -153,6 +153,27 @@ def test_local_file_weights_are_adapted_too(tmp_path: Path) -> None:
     assert torch.equal(net.stage4[0].branch1[0].weight, ref.stage4[0].branch1[0].weight)
 
 
+def test_timm_pretrained_loads_from_the_hugging_face_cache_offline(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    timm = pytest.importorskip("timm")
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    repo = tmp_path / "hub" / "models--timm--resnet18.a1_in1k"  # the cache layout huggingface_hub reads
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    torch.manual_seed(10)
+    ref = timm.create_model("resnet18", pretrained=False)
+    save_file(ref.state_dict(), str(snapshot / "model.safetensors"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    net = build_backbone(BackboneConfig(name="timm:resnet18", weights="pretrained"), (1, 32, 32), False)
+    assert torch.equal(net.net.layer4[0].conv1.weight, ref.layer4[0].conv1.weight)
+    torch.testing.assert_close(net.net.conv1.weight, ref.conv1.weight.sum(dim=1, keepdim=True))  # timm's rule
+
+
 def test_timm_pretrained_offline_error_names_repo_and_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     timm = pytest.importorskip("timm")
 
