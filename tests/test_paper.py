@@ -397,6 +397,18 @@ def test_select_on_test_loss_is_marked_everywhere(tmp_path: Path) -> None:
     assert default.train.select_on == "val"
 
 
+def test_single_task_combined_final_says_how_it_selected() -> None:
+    from mola.engine.single_task import combine_finals
+
+    res = {"a": {"acc": 0.5, "loss": 1.0}}
+    finals = {"a": {"val": res, "test": res, "best_epoch": 1, "last": {"val": res, "test": res}, "epochs": 2,
+                    "seconds_per_epoch": 1.0, "parameters": {"total": 10}}}
+    bad = combine_finals(load_config(None, ["train.select_on=test_loss"]), finals, {})
+    assert bad["selection"]["valid_protocol"] is False and "NOT a valid protocol" in bad["selection"]["note"]
+    good = combine_finals(load_config(None, []), finals, {})
+    assert good["selection"] == {"on": "val", "valid_protocol": True, "note": "val (auto)"}
+
+
 # -- every paper config builds; the smoke check ---------------------------------------------------------------
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=[Path(p).stem for p in PAPER_CONFIGS])
 def test_paper_config_builds_without_data(path: str, offline_hub: Path) -> None:

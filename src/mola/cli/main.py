@@ -36,7 +36,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.model.arch == "single_task":  # the paper's protocol: one separate run per task
         final = fit_single_task(cfg, run_dir, resume=args.resume)
         split = "test" if final["test"] else "val"
-        print(f"\n{cfg.name}: {split} metrics, each task from its own run's best-on-val checkpoint, run dir {run_dir}")
+        print(f"\n{cfg.name}: {split} metrics, each task from its own run's best checkpoint (selected on "
+              f"{final['selection']['note']}), run dir {run_dir}")
         print(format_table(final, split))
         return 0
     trainer = Trainer(cfg, run_dir)  # under torchrun: one rank of a DDP run (docs/distributed.md)
