@@ -6,7 +6,8 @@ Each config runs as configured (its arch, MoLA mode, optimizer, batch size, inpu
 instead of named pretrained ones (same cost, nothing downloaded), bf16 autocast and channels_last on CUDA.
 The timed steps follow ``--warmup`` untimed ones. Hours = steps per epoch (train images / batch) x epochs x step
 time: training only (no evaluation, no data loading), so a floor. Table hours = the sweep's rows x seeds x the
-mean hours of the benchmark's MoLA-Grad and MoLA-Router runs (``--rows`` times every sweep row instead).
+mean hours of the benchmark's MoLA-Grad and MoLA-Router runs (``--rows`` times every sweep row instead; the
+single-task row as ``single_task_joint``: the same T networks and images per epoch as its T separate runs).
 
   python benchmarks/paper_smoke.py --device cuda                   # the table of docs/paper.md
   python benchmarks/paper_smoke.py --device cuda --rows            # also time every row of every paper sweep
@@ -86,6 +87,8 @@ def prepare(cfg: RunConfig, device: torch.device, tiny: bool) -> tuple[RunConfig
     cfg.train.amp = device.type == "cuda"
     cfg.train.progress = False
     cfg.train.tensorboard = False
+    if cfg.model.arch == "single_task":  # one run per task: timed as the same T networks on one mixed batch
+        cfg.model.arch = "single_task_joint"
     spec = scenario_spec(cfg.data)
     if spec is None:
         raise SystemExit(f"{cfg.name}: data.kind {cfg.data.kind!r} declares no shape; paper configs use presets")
@@ -143,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="CI mode: 32 px inputs, batch 2 per task, 1 step, no warm-up (times mean nothing)")
     p.add_argument("--configs", nargs="*", help="config files (default: configs/paper/*.yaml)")
     p.add_argument("--rows", action="store_true", help="also time every row of configs/paper/sweeps/*.yaml")
+    p.add_argument("--tables", nargs="*", help="sweeps to estimate (default: all), e.g. --tables vlcs nyuv2")
     p.add_argument("--threads", type=int, default=1, help="CPU threads on --device cpu (default 1)")
     p.add_argument("--images", action="append", default=[], metavar="KIND=N",
                    help="train images per epoch of a data kind without a known size (e.g. radimagenet=100000)")
@@ -178,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{fmt(row.run_hours, '7.2f'):>7}")
     print()
     print(table_estimates(rows, device, args, steps, warmup, sizes))
+    if args.tiny:
+        print("(--tiny: 32 px inputs, tiny batches, one step without warm-up; these times and hours are not the "
+              "paper's)")
     return 0
 
 
@@ -188,6 +195,8 @@ def table_estimates(rows: dict[str, Row], device: torch.device, args: argparse.N
 
     lines = [f"{'table (sweep)':<24} {'runs':>5} {'est. hours':>11}  how"]
     for path in sorted(glob.glob(str(ROOT / "configs/paper/sweeps/*.yaml"))):
+        if args.tables and Path(path).stem not in args.tables:
+            continue
         spec = load_sweep(path)
         plan = [r for r in plan_sweep(spec) if r.status != "invalid"]
         bench = Path(path).stem

@@ -456,6 +456,16 @@ def test_paper_sweep_rows_are_valid_configs(path: str) -> None:
         named_weights_status(cfg.model.backbone)
 
 
+def test_dry_run_of_a_single_task_row_builds_its_networks() -> None:
+    cfg = load_config(ROOT / "configs/paper/radimagenet_grad.yaml", ["model.arch=single_task"])
+    summary = dry_run(cfg, "unused")
+    plain = dry_run(load_config(ROOT / "configs/paper/radimagenet_grad.yaml", ["model.arch=hps"]), "unused")
+    assert summary["arch"].startswith("single_task (one run per task")
+    tasks = len(summary["tasks"])
+    assert summary["parameters"]["total"] - summary["parameters"]["heads"] == \
+        tasks * (plain["parameters"]["total"] - plain["parameters"]["heads"])  # T backbones
+
+
 def test_train_dry_run_cli_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                           offline_hub: Path) -> None:
     from mola.cli.main import main

@@ -29,6 +29,9 @@ def dry_run(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     cfg.data.num_workers = 0  # no batch is loaded
     if weights is not None:  # named weights are resolved and their cache checked, not loaded or downloaded
         cfg.model.backbone.weights = None
+    separate = cfg.model.arch == "single_task"
+    if separate:  # one run per task in `mola train`; the same T networks built together here
+        cfg.model.arch = "single_task_joint"
     spec = scenario_spec(cfg.data)
     scenario = synthetic_scenario(spec, seed=cfg.train.seed) if spec is not None else None
     with warnings.catch_warnings():
@@ -45,7 +48,7 @@ def dry_run(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         "tasks": {t.name: t.num_classes if t.kind == "classification" else t.kind for t in sc.tasks},
         "input_shape": list(sc.input_shape),
         "train_size": spec.train_size if spec is not None else len(sc.train),
-        "arch": cfg.model.arch,
+        "arch": "single_task (one run per task; built here as single_task_joint)" if separate else cfg.model.arch,
         "mode": cfg.model.mola.mode if cfg.model.arch == "mola" else None,
         "backbone": cfg.model.backbone.name,
         "weights": weights or cfg.model.backbone.weights,
