@@ -34,6 +34,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         cfg.train.seed = args.seed
     run_dir = _run_dir(cfg, args.out)
+    if args.dry_run:
+        from mola.engine.dryrun import dry_run, format_dry_run
+
+        print(format_dry_run(dry_run(cfg, run_dir)))
+        return 0
     check_writable_dir(run_dir, "run directory (--out)")
     from mola.engine.single_task import run_has_checkpoint
 
@@ -59,7 +64,8 @@ def _train(cfg: Any, run_dir: Path, args: argparse.Namespace, resumable: bool) -
     if cfg.model.arch == "single_task":  # the paper's protocol: one separate run per task
         final = fit_single_task(cfg, run_dir, resume=args.resume)
         split = "test" if final["test"] else "val"
-        print(f"\n{cfg.name}: {split} metrics, each task from its own run's best-on-val checkpoint, run dir {run_dir}")
+        print(f"\n{cfg.name}: {split} metrics, each task from its own run's best checkpoint (selected on "
+              f"{final['selection']['note']}), run dir {run_dir}")
         print(format_table(final, split))
         return 0
     trainer = Trainer(cfg, run_dir)  # under torchrun: one rank of a DDP run (docs/distributed.md)
@@ -72,8 +78,8 @@ def _train(cfg: Any, run_dir: Path, args: argparse.Namespace, resumable: bool) -
     final = trainer.fit()
     if main:
         split = "test" if final["test"] else "val"
-        print(f"\n{cfg.name}: {split} metrics of the best-on-val checkpoint (epoch {final['best_epoch']}), "
-              f"run dir {run_dir}")
+        print(f"\n{cfg.name}: {split} metrics of the best checkpoint (epoch {final['best_epoch']}; selected on "
+              f"{final['selection']['note']}), run dir {run_dir}")
         print(format_table(final, split))
     return 0
 
@@ -140,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="train into a run directory that holds results (config.yaml, metrics.csv, final.json) "
                         "but no checkpoint, replacing them")
+    t.add_argument("--dry-run", action="store_true",
+                   help="build data spec, model, method and optimizer, print a summary, train and write nothing "
+                        "(paper presets use a synthetic stand-in: no data needed)")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="evaluate a checkpoint file or a run directory's best checkpoint")
     e.add_argument("--checkpoint", required=True)

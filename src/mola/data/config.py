@@ -26,4 +26,7 @@ class DataConfig:
     eval_batch_size: int = 256  # val/test batch size
     num_workers: int = 0  # DataLoader worker processes
     sampling: Literal["mixed", "balanced"] = "mixed"  # mixed: shuffle all tasks together; balanced: same share per task
-    augment: bool = False  # DomainBed train augmentation (image-folder layouts: folder, radimagenet)
+    #: train augmentation of the image-folder layouts (folder, vlcs, office_home, radimagenet): true: DomainBed's;
+    #: paper: the paper's (RandomResizedCrop scale 0.7-1 bicubic, flip, ColorJitter 0.4, 10% gray; eval: Resize
+    #: + CenterCrop)
+    augment: bool | Literal["paper"] = False

@@ -90,24 +90,33 @@ def high_depth_to_8bit(im: Image.Image, path: str | Path) -> Image.Image:
 class ImageFileTransform:
     """Open an image file lazily and turn it into a normalised (C, size, size) float tensor.
 
-    Eval: resize to ``size`` x ``size``. Train with ``augment``: DomainBed-style random resized crop (scale
-    0.7..1), horizontal flip, colour jitter and 10 % grayscale. Then ToTensor and mean/std normalisation.
+    ``recipe="domainbed"``: eval resizes to ``size`` x ``size``; train with ``augment``: random resized crop
+    (scale 0.7..1), horizontal flip, colour jitter 0.3 and 10 % grayscale. ``recipe="paper"`` (``data.augment:
+    paper``, the paper's VLCS / Office-Home transforms): eval resizes the short side to ``size * 256/224`` and
+    center-crops ``size``; train: random resized crop (scale 0.7..1, bicubic), flip, colour jitter 0.4
+    (brightness, contrast, saturation, hue) and 10 % grayscale. Then ToTensor and mean/std normalisation.
     ``gray=True`` reads every image as grayscale first (replicated when ``channels`` is 3).
     """
 
-    def __init__(self, size: int, channels: int = 3, augment: bool = False, gray: bool = False) -> None:
+    def __init__(self, size: int, channels: int = 3, augment: bool = False, gray: bool = False,
+                 recipe: str = "domainbed") -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
-        self.size, self.channels, self.augment, self.gray = size, channels, augment, gray
+        if recipe not in ("domainbed", "paper"):
+            raise ValueError(f"unknown augmentation recipe {recipe!r}; accepted: domainbed, paper")
+        self.size, self.channels, self.augment, self.gray, self.recipe = size, channels, augment, gray, recipe
         mean, std = normalize_stats(channels)
+        color = channels == 3 and not gray
+        jitter = 0.4 if recipe == "paper" else 0.3
         if augment:
-            ops: list = [
-                T.RandomResizedCrop(size, scale=(0.7, 1.0)),
-                T.RandomHorizontalFlip(),
-                T.ColorJitter(0.3, 0.3, 0.3, 0.3 if channels == 3 and not gray else 0.0),
-            ]
-            if channels == 3 and not gray:
+            crop = (T.RandomResizedCrop(size, scale=(0.7, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+                    if recipe == "paper" else T.RandomResizedCrop(size, scale=(0.7, 1.0)))
+            hue = jitter if color else 0.0
+            ops: list = [crop, T.RandomHorizontalFlip(), T.ColorJitter(jitter, jitter, jitter, hue)]
+            if color:
                 ops.append(T.RandomGrayscale(0.1))
+        elif recipe == "paper":
+            ops = [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)]
         else:
             ops = [T.Resize((size, size))]
         self.pipeline = T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])
@@ -132,5 +141,5 @@ class ImageFileTransform:
     def __repr__(self) -> str:
         return (
             f"ImageFileTransform(size={self.size}, channels={self.channels}, augment={self.augment}, "
-            f"gray={self.gray})"
+            f"gray={self.gray}, recipe={self.recipe!r})"
         )

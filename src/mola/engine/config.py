@@ -24,7 +24,9 @@ class OptimConfig:
     lr: float | None = None  # null: the scenario default (domain 1e-4, multi-input 0.05, single-input 1e-4)
     momentum: float = 0.9  # SGD momentum
     weight_decay: float | None = None  # null: the default of the scenario (auto) or of the optimizer
-    scheduler: Literal["auto", "cosine", "none"] = "auto"  # auto: cosine for multi-input SGD, else none
+    scheduler: Literal["auto", "cosine", "step", "none"] = "auto"  # auto: cosine for multi-input SGD, else none
+    step_epochs: int = 100  # scheduler step: multiply the lr by step_gamma every step_epochs epochs (StepLR)
+    step_gamma: float = 0.5  # scheduler step: the factor
     grad_clip: float | None = None  # clip the model's gradient norm to this value (null: no clipping)
 
 
@@ -43,6 +45,9 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap on training steps per epoch (null: one pass over train)
     eval_test: bool = True  # also evaluate the test split (final.json)
     select_metric: str = "auto"  # val metric for the best checkpoint; auto: mean acc, or -val loss if not all classify
+    #: model selection: val (select_metric on the val split), or test_loss: the lowest mean TEST loss, as the
+    #: paper's released code did - NOT a valid protocol (the test split picks the model); outputs say so
+    select_on: Literal["val", "test_loss"] = "val"
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or skips that step
     max_consecutive_skips: int = 3  # on_nonfinite=skip: this many skipped steps in a row stop the run
     on_nonfinite_metric: Literal["stop", "drop"] = "stop"  # NaN/inf val metric: stop, or drop task from selection

@@ -69,6 +69,8 @@ def combine_finals(cfg: RunConfig, finals: dict[str, dict[str, Any]], summary: d
                 out[task] = res[task]
         return out
 
+    from mola.engine.trainer import selection_label
+
     val, test = pick("best", "val"), pick("best", "test")
     last_val, last_test = pick("last", "val"), pick("last", "test")
     seconds = [f.get("seconds_per_epoch") for f in finals.values()]
@@ -76,6 +78,8 @@ def combine_finals(cfg: RunConfig, finals: dict[str, dict[str, Any]], summary: d
         "val": val, "test": test,
         "mean": {"val": mean_over_tasks(val), "test": mean_over_tasks(test) if test else {}},
         "best_epoch": {t: f["best_epoch"] for t, f in finals.items()},
+        "selection": {"on": cfg.train.select_on, "valid_protocol": cfg.train.select_on == "val",
+                      "note": selection_label(cfg)},
         "last": {"val": last_val, "test": last_test,
                  "mean": {"val": mean_over_tasks(last_val), "test": mean_over_tasks(last_test) if last_test else {}}},
         "epochs": max(f["epochs"] for f in finals.values()),

@@ -45,6 +45,15 @@ from mola.metrics import HIGHER_IS_BETTER, delta_m, delta_p, make_meter, mean_ov
 from mola.models import build_model, num_parameters, task_rows
 from mola.models.base import MultiTaskModel
 
+INVALID_SELECTION = ("test_loss: NOT a valid protocol - the checkpoint was selected on the test split's loss "
+                     "(as the paper's released code did), so its test scores are optimistic")
+"""What every output of a ``train.select_on: test_loss`` run says about its model selection."""
+
+
+def selection_label(cfg: RunConfig) -> str:
+    """How the best checkpoint was chosen, for metrics.csv, final.json and the CLI line."""
+    return INVALID_SELECTION if cfg.train.select_on == "test_loss" else f"val ({cfg.train.select_metric})"
+
 
 class NonFiniteLossError(RuntimeError):
     """A task loss became NaN/inf; the message names the step, the task and the last good checkpoint."""
@@ -108,8 +117,9 @@ def resolve_device(name: str, what: str = "train.device") -> torch.device:
 
 
 def build_optimizer(cfg: RunConfig, params: list[nn.Parameter], heterogeneity: str,
-                    steps_total: int) -> tuple[torch.optim.Optimizer, Any]:
-    """Per-scenario defaults (method.md §11): domain AdamW 1e-4, multi-input SGD 0.05 + cosine, single-input Adam."""
+                    steps_total: int, steps_per_epoch: int = 1) -> tuple[torch.optim.Optimizer, Any]:
+    """Per-scenario defaults (method.md §11): domain AdamW 1e-4, multi-input SGD 0.05 + cosine, single-input Adam.
+    The scheduler steps once per optimizer step (``step``: every ``step_epochs * steps_per_epoch`` steps)."""
     o = cfg.optim
     defaults = {"domain": ("adamw", 1e-4, 1e-2, "none"), "multi_input": ("sgd", 0.05, 1e-4, "cosine"),
                 "single_input": ("adam", 1e-4, 0.0, "none")}[heterogeneity]
@@ -127,6 +137,12 @@ def build_optimizer(cfg: RunConfig, params: list[nn.Parameter], heterogeneity: s
     sched = None
     if sched_name == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps_total))
+    elif sched_name == "step":
+        if o.step_epochs < 1 or not 0.0 < o.step_gamma <= 1.0:
+            raise ValueError(f"optim.step_epochs must be >= 1 and optim.step_gamma in (0, 1], got {o.step_epochs} "
+                             f"and {o.step_gamma}")
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o.step_epochs * max(1, steps_per_epoch),
+                                                gamma=o.step_gamma)
     return opt, sched
 
 
@@ -204,7 +220,7 @@ class Trainer:
         params = [p for p in list(self.model.parameters()) + list(self.method.parameters()) if p.requires_grad]
         self.steps_per_epoch = self._steps_per_epoch()
         self.optimizer, self.scheduler = build_optimizer(cfg, params, self.scenario.heterogeneity,
-                                                         self.steps_per_epoch * cfg.train.epochs)
+                                                         self.steps_per_epoch * cfg.train.epochs, self.steps_per_epoch)
         shared = self.model.shared_parameters()
         ids = {id(p) for p in shared}
         self.shared_params = shared
@@ -225,6 +241,8 @@ class Trainer:
         self._skips_in_a_row = 0
         self._check_select_metric()
         self._check_single_task_results()
+        if cfg.train.select_on == "test_loss":
+            warnings.warn(f"train.select_on={INVALID_SELECTION}", RuntimeWarning, stacklevel=2)
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def _check_select_metric(self) -> None:
@@ -534,11 +552,14 @@ class Trainer:
                 train_losses = self.train_epoch(bar)
                 seconds = time.perf_counter() - start
                 val = self.evaluate("val")
-                score = self.select_score(val)
+                test = self.evaluate("test") if self.cfg.train.select_on == "test_loss" else None
+                score = self.select_score(val) if test is None else -float(np.mean([r["loss"] for r in test.values()]))
                 row = {"epoch": self.epoch, "step": self.step, "seconds": round(seconds, 3),
-                       "lr": self.optimizer.param_groups[0]["lr"], "select_score": score}
+                       "lr": self.optimizer.param_groups[0]["lr"], "select_score": score,
+                       "selected_on": selection_label(self.cfg)}
                 row.update({f"train/{self.tasks[k].name}/loss": v for k, v in train_losses.items()})
                 row.update({f"val/{tn}/{m}": v for tn, r in val.items() for m, v in r.items()})
+                row.update({f"test/{tn}/loss": r["loss"] for tn, r in (test or {}).items()})
                 self.history.append(row)
                 self.epoch += 1
                 improved = score > self.best_score or self.best_epoch < 0  # the score is finite (select_score)
@@ -586,6 +607,8 @@ class Trainer:
             "val": val, "test": test,
             "mean": {"val": mean_over_tasks(val), "test": mean_over_tasks(test) if test else {}},
             "best_epoch": self.best_epoch,
+            "selection": {"on": self.cfg.train.select_on, "valid_protocol": self.cfg.train.select_on == "val",
+                          "note": selection_label(self.cfg)},
             "last": {
                 "val": last_val,
                 "test": last_test,

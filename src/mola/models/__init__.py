@@ -22,7 +22,10 @@ def build_model(scenario: Scenario, cfg: ModelConfig) -> MultiTaskModel:
     def factory() -> nn.Module:
         return build_backbone(cfg.backbone, scenario.input_shape, dense)
 
-    return arch(factory, scenario.tasks, scenario.heterogeneity, scenario.shared_head, scenario.input_shape, cfg)
+    model = arch(factory, scenario.tasks, scenario.heterogeneity, scenario.shared_head, scenario.input_shape, cfg)
+    if cfg.head != "auto":
+        model.use_dense_head(cfg.head, cfg.head_hidden)
+    return model
 
 
 __all__ = ["ARCHS", "BACKBONES", "BackboneConfig", "ModelConfig", "MultiTaskModel", "build_backbone",

@@ -1,14 +1,24 @@
 """Backbones by name. Each maps an input batch to features: a map (B, C, h, w) for conv nets and ViTs in
-dense mode, a vector (B, C) for MLPs and ViTs otherwise; ``out_dim`` is C. Weights come only from local files.
+dense mode, a vector (B, C) for MLPs and ViTs otherwise; ``out_dim`` is C.
+
+Weights (``model.backbone.weights``): a local state-dict file, a torchvision weight name (``IMAGENET1K_V1``,
+``DEFAULT`` or the enum's full name ``ResNet18_Weights.IMAGENET1K_V1``) for the torchvision backbones, or
+``pretrained`` for ``timm:<name>``. Named weights go through the libraries' own loaders and caches (torch hub:
+``$TORCH_HOME/hub/checkpoints``; Hugging Face: ``$HF_HOME/hub``), so a file placed there is used offline.
+The classifier of the source model is dropped (the task heads replace it); a 3-channel input layer is adapted
+to other channel counts (1 channel: the sum of the RGB filters, as timm does).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -18,16 +28,21 @@ from mola.layers.router import BasicBlock
 from mola.registry import Registry
 
 if TYPE_CHECKING:
-    from torchvision.models import ResNet
+    from torchvision.models import ResNet, ShuffleNetV2, VisionTransformer
+    from torchvision.models._api import WeightsEnum
     from torchvision.models.resnet import BasicBlock as TVBasicBlock
 
 
 @dataclass
 class BackboneConfig:
-    """Which backbone and how to build it; ``weights`` is a local state-dict file (never downloaded)."""
+    """Which backbone and how to build it; ``weights``: a local file, a torchvision weight name or timm's
+    ``pretrained`` (loaded through the libraries' caches; see the module docstring)."""
 
-    name: str = "small_cnn"  # small_cnn, resnet18, resnet50, mlp, vit_small or timm:<model name>
-    weights: str | None = None  # local state-dict file to initialise from (classifier keys skipped)
+    #: small_cnn, resnet18, resnet50, shufflenet_v2_x1_0, vit_b_16, mlp, vit_small or timm:<model name>
+    name: str = "small_cnn"
+    #: initial weights: a local state-dict file, a torchvision weight name (IMAGENET1K_V1, DEFAULT,
+    #: ResNet50_Weights.IMAGENET1K_V2) or `pretrained` (timm:<name>); the classifier is dropped
+    weights: str | None = None
     strict: bool = True  # weights must fit the backbone (no missing/unexpected/mis-shaped key); false: load the rest
     dilated: bool | None = None  # keep resolution in the last stages (null: only for dense tasks)
     small_input: bool | None = None  # ResNet 3x3 stem without max-pool (null: when the input side <= 64)
@@ -41,44 +56,177 @@ BackboneBuilder = Callable[[tuple[int, ...], BackboneConfig, bool], nn.Module]
 BACKBONES: Registry[BackboneBuilder] = Registry("backbone")
 
 
-def load_local_weights(model: nn.Module, path: str, skip_prefixes: tuple[str, ...] = ("fc.", "head."),
-                       strict: bool = True) -> None:
-    """Load a local state dict (weights_only), ignoring classifier keys. ``strict``: a file that does not fit
-    (missing, unexpected or mis-shaped keys, e.g. ResNet-50 weights for a ResNet-18) is a ValueError listing
-    them; otherwise the fitting tensors load and the rest is named in a warning."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {p} (weights are never downloaded)")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"cannot read backbone weights {p}: {err}") from err
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"backbone weights {p} are not a state dict of tensors")
+_SKIP_PREFIXES = ("fc.", "head.", "heads.")
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar")
+
+
+def adapt_input_conv(weight: Tensor, in_channels: int) -> Tensor:
+    """A (Co, 3, kh, kw) input-layer weight for ``in_channels`` inputs: 1 channel sums the RGB filters (a gray
+    image replicated to RGB gives the same output); others tile the filters and rescale by 3 / C (timm's rule)."""
+    c = weight.shape[1]
+    if c == in_channels:
+        return weight
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-in_channels // c)
+    return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (c / in_channels)
+
+
+def _input_conv_key(own: dict[str, Tensor]) -> str | None:
+    return next((k for k, v in own.items() if v.dim() == 4), None)
+
+
+def fit_state_dict(model: nn.Module, state: dict[str, Tensor], where: str,
+                   skip_prefixes: tuple[str, ...] = _SKIP_PREFIXES, strict: bool = True) -> list[str]:
+    """Load the tensors of ``state`` that fit ``model`` (classifier keys skipped; the input layer adapted to the
+    model's channel count); returns the loaded keys. ``strict``: missing, unexpected or mis-shaped keys (e.g.
+    ResNet-50 weights for a ResNet-18) are a ValueError listing them; otherwise the fitting tensors load and the
+    rest is named in a warning."""
     own = model.state_dict()
-    keep = {k: v for k, v in state.items()
-            if k in own and not k.startswith(skip_prefixes) and v.shape == own[k].shape}
+    first = _input_conv_key(own)
+    keep, shapes = {}, []
+    for k, v in state.items():
+        if k not in own or k.startswith(skip_prefixes):
+            continue
+        if v.shape == own[k].shape:
+            keep[k] = v
+        elif (k == first and v.dim() == 4 and v.shape[0] == own[k].shape[0]
+              and v.shape[2:] == own[k].shape[2:]):
+            keep[k] = adapt_input_conv(v, own[k].shape[1])
+        else:
+            shapes.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
     if not keep:
-        raise ValueError(f"backbone weights {p} share no tensor with {type(model).__name__}")
+        raise ValueError(f"backbone weights {where} share no tensor with {type(model).__name__}")
     missing = [k for k in own if k not in state and not k.startswith(skip_prefixes)
                and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own and not k.startswith(skip_prefixes)]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and not k.startswith(skip_prefixes) and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         parts = "; ".join(f"{name} ({len(keys)}): {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
                           for name, keys in (("missing", missing), ("unexpected", unexpected),
                                              ("shape mismatch", shapes)) if keys)
-        msg = (f"backbone weights {p} do not fit {type(model).__name__} ({len(keep)} of {len(own)} tensors fit); "
-               f"{parts}")
+        msg = (f"backbone weights {where} do not fit {type(model).__name__} ({len(keep)} of {len(own)} tensors "
+               f"fit); {parts}")
         if strict:
             raise ValueError(f"{msg}. Is the file for another architecture? Set model.backbone.strict: false to "
                              "load only the fitting tensors")
         warnings.warn(f"{msg}; loading the {len(keep)} fitting tensors (model.backbone.strict: false)",
                       RuntimeWarning, stacklevel=2)
     model.load_state_dict(keep, strict=False)
+    return list(keep)
+
+
+def _read_state_file(p: Path) -> dict[str, Tensor]:
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ValueError(f"cannot read backbone weights {p}: {err}") from err
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"backbone weights {p} are not a state dict of tensors")
+    return state
+
+
+def load_local_weights(model: nn.Module, path: str, skip_prefixes: tuple[str, ...] = _SKIP_PREFIXES,
+                       strict: bool = True) -> None:
+    """Load a local state dict (weights_only), ignoring classifier keys; the input layer is adapted."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {p}")
+    fit_state_dict(model, _read_state_file(p), str(p), skip_prefixes, strict)
+
+
+def is_weight_name(weights: str) -> bool:
+    """True when ``weights`` reads as a library weight name (``IMAGENET1K_V1``, ``X_Weights.DEFAULT``,
+    ``pretrained``) rather than a file path."""
+    return (re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?", weights) is not None
+            and not weights.lower().endswith(_FILE_SUFFIXES) and not Path(weights).exists())
+
+
+def torchvision_weights(model_name: str, name: str) -> WeightsEnum:
+    """The torchvision weight enum member ``name`` (``DEFAULT``, ``IMAGENET1K_V1`` or ``Enum.MEMBER``)."""
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(model_name)
+    member = name.split(".", 1)[1] if name.startswith(enum.__name__ + ".") else name
+    try:
+        return cast("WeightsEnum", enum[member])
+    except KeyError:
+        accepted = ["DEFAULT", *(m.name for m in enum), f"{enum.__name__}.<NAME>"]
+        raise ValueError(f"unknown weights {name!r} for backbone {model_name!r} (and no such file); accepted "
+                         f"names: {', '.join(accepted)}, or a local state-dict file") from None
+
+
+def weight_cache_file(weights: WeightsEnum) -> Path:
+    """Where torch hub keeps (and looks for) the file of ``weights``: ``$TORCH_HOME/hub/checkpoints/<url name>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
+def load_named_weights(model_name: str, name: str) -> dict[str, Tensor]:
+    """The state dict of torchvision weights ``name`` through torch hub's cache (downloaded only when absent and
+    a network is there); an absent file offline is a FileNotFoundError saying where to place it."""
+    weights = torchvision_weights(model_name, name)
+    path = weight_cache_file(weights)
+    try:
+        return cast("dict[str, Tensor]", torch.hub.load_state_dict_from_url(
+            weights.url, progress=False, map_location="cpu", weights_only=True))
+    except Exception as err:  # noqa: BLE001 - URLError/HTTPError offline, unpickling errors for a bad file
+        if path.is_file():
+            raise ValueError(f"cannot read cached weights {path} ({weights}): {err}") from err
+        reason = str(getattr(err, "reason", err)).splitlines()[0] if str(err) else type(err).__name__
+        raise FileNotFoundError(
+            f"pretrained weights {weights} for {model_name}: file {path.name} is not in the torch hub cache "
+            f"{path.parent} and could not be downloaded ({reason}); download {weights.url} on a machine with "
+            f"network and copy it to {path} (TORCH_HOME sets the cache root), or set model.backbone.weights "
+            "to a local state-dict file") from None
+
+
+TORCHVISION_BACKBONES = {"resnet18": "resnet18", "resnet50": "resnet50", "shufflenet_v2_x1_0": "shufflenet_v2_x1_0",
+                         "vit_b_16": "vit_b_16"}
+"""mola backbone name -> torchvision model name (whose weight enum ``model.backbone.weights`` names)."""
+
+
+def named_weights_status(cfg: BackboneConfig) -> str | None:
+    """For ``weights`` given by name: what they resolve to and whether the file is cached (nothing is loaded or
+    downloaded; unknown names are errors); None for no weights or a local file."""
+    if not cfg.weights or not is_weight_name(cfg.weights):
+        return None
+    if cfg.name.startswith("timm:"):
+        if cfg.weights != "pretrained":
+            raise ValueError(f"backbone {cfg.name!r}: weights {cfg.weights!r} is neither `pretrained` nor a file")
+        from huggingface_hub import constants
+
+        return f"timm {cfg.name[5:]} pretrained (Hugging Face cache {constants.HF_HUB_CACHE})"
+    tv = TORCHVISION_BACKBONES.get(cfg.name)
+    if tv is None:
+        raise ValueError(f"backbone {cfg.name!r} has no pretrained weights named {cfg.weights!r} (and no such file)")
+    weights = torchvision_weights(tv, cfg.weights)
+    path = weight_cache_file(weights)
+    return f"{weights} ({path}: {'cached' if path.is_file() else 'not cached, downloaded on first use'})"
+
+
+def load_weights(model: nn.Module, cfg: BackboneConfig, torchvision_name: str | None,
+                 prepare: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> None:
+    """Initialise ``model`` from ``cfg.weights`` (local file or, for torchvision backbones, a weight name)."""
+    if not cfg.weights:
+        return
+    if not is_weight_name(cfg.weights):
+        p = Path(cfg.weights)
+        if not p.is_file():
+            raise FileNotFoundError(f"backbone weights file not found: {p}")
+        state, where = _read_state_file(p), str(p)
+    elif torchvision_name is None:
+        hint = " (timm backbones take `pretrained`)" if cfg.name.startswith("timm:") else ""
+        raise ValueError(f"backbone {cfg.name!r} has no pretrained weights named {cfg.weights!r} (and no such file)"
+                         f"{hint}; give a local state-dict file")
+    else:
+        state, where = load_named_weights(torchvision_name, cfg.weights), f"{torchvision_name} {cfg.weights}"
+    fit_state_dict(model, prepare(state) if prepare is not None else state, where, strict=cfg.strict)
 
 
 class ResNetBackbone(nn.Module):
@@ -127,15 +275,103 @@ def _resnet(depth: int) -> BackboneBuilder:
             if dilated:
                 _dilate_basic_stage(net.layer3, 2)
                 _dilate_basic_stage(net.layer4, 4)
-        if cfg.weights:
-            load_local_weights(net, cfg.weights, strict=cfg.strict)
-        return ResNetBackbone(net, input_shape[0], small)
+        backbone = ResNetBackbone(net, input_shape[0], small)
+        load_weights(backbone, cfg, f"resnet{depth}")
+        return backbone
 
     return build
 
 
 BACKBONES.register("resnet18")(_resnet(18))
 BACKBONES.register("resnet50")(_resnet(50))
+
+
+class ShuffleNetV2Backbone(nn.Module):
+    """torchvision's ShuffleNetV2 without pool/fc: conv1, maxpool, stage2..stage4, conv5 (1x1 to ``out_dim``).
+
+    MoLA presets see three stages (``stage2..stage4``; ``last_stage`` = ``stage4``); ``conv5`` is not a stage.
+    ``small_input`` makes the stem stride 1 without max-pool (output stride 8 instead of 32).
+    """
+
+    output = "map"
+    mola_stages = ("stage2", "stage3", "stage4")
+    mola_stage_modules = "conv"
+
+    def __init__(self, net: ShuffleNetV2, in_channels: int, small_input: bool) -> None:
+        super().__init__()
+        self.conv1, self.maxpool = net.conv1, net.maxpool
+        self.stage2, self.stage3, self.stage4, self.conv5 = net.stage2, net.stage3, net.stage4, net.conv5
+        stem = cast(nn.Conv2d, self.conv1[0])
+        if small_input or in_channels != stem.in_channels:
+            self.conv1[0] = nn.Conv2d(in_channels, stem.out_channels, 3, 1 if small_input else 2, 1, bias=False)
+        if small_input:
+            self.maxpool = nn.Identity()
+        self.out_dim = net.fc.in_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.conv1(x))
+        return self.conv5(self.stage4(self.stage3(self.stage2(x))))
+
+
+@BACKBONES.register("shufflenet_v2_x1_0")
+def _shufflenet(input_shape: tuple[int, ...], cfg: BackboneConfig, dense: bool) -> nn.Module:
+    import torchvision
+
+    if len(input_shape) != 3:
+        raise ValueError(f"shufflenet_v2_x1_0 needs image inputs (C, H, W), got input shape {input_shape}")
+    if cfg.dilated:
+        raise ValueError("shufflenet_v2_x1_0 has no dilated variant (model.backbone.dilated must be null/false)")
+    small = min(input_shape[1:]) <= 64 if cfg.small_input is None else cfg.small_input
+    backbone = ShuffleNetV2Backbone(torchvision.models.shufflenet_v2_x1_0(weights=None), input_shape[0], small)
+    load_weights(backbone, cfg, "shufflenet_v2_x1_0")
+    return backbone
+
+
+class TorchvisionViT(nn.Module):
+    """torchvision's ViT (e.g. ViT-B/16) without its classifier: the class token's feature (B, D), or in dense
+    mode the patch tokens as a (B, D, H/p, W/p) map. ``encoder.layers`` are the stages MoLA presets see."""
+
+    fixed_input_size = True
+
+    def __init__(self, net: VisionTransformer, in_channels: int, dense: bool) -> None:
+        super().__init__()
+        self.conv_proj, self.class_token, self.encoder = net.conv_proj, net.class_token, net.encoder
+        if in_channels != self.conv_proj.in_channels:
+            p = net.patch_size
+            self.conv_proj = nn.Conv2d(in_channels, net.hidden_dim, p, p)
+        self.out_dim = net.hidden_dim
+        self.dense = dense
+        self.output = "map" if dense else "vector"
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        grid = self.conv_proj(x)
+        tokens = torch.cat([self.class_token.expand(n, -1, -1), grid.flatten(2).transpose(1, 2)], dim=1)
+        tokens = self.encoder(tokens)
+        if self.dense:
+            return tokens[:, 1:].transpose(1, 2).reshape(n, -1, *grid.shape[-2:])
+        return tokens[:, 0]
+
+
+@BACKBONES.register("vit_b_16")
+def _vit_b_16(input_shape: tuple[int, ...], cfg: BackboneConfig, dense: bool) -> nn.Module:
+    import torchvision
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    if len(input_shape) != 3 or input_shape[1] != input_shape[2] or input_shape[1] % 16:
+        raise ValueError(f"vit_b_16 needs square image inputs (C, S, S) with S divisible by 16, got {input_shape}")
+    size = input_shape[1]
+    backbone = TorchvisionViT(torchvision.models.vit_b_16(weights=None, image_size=size, **cfg.options),
+                              input_shape[0], dense)
+
+    def resize_positions(state: dict[str, Tensor]) -> dict[str, Tensor]:
+        pos = state.get("encoder.pos_embedding")
+        if pos is None or pos.shape == backbone.encoder.pos_embedding.shape:
+            return state
+        return dict(interpolate_embeddings(size, 16, state))
+
+    load_weights(backbone, cfg, "vit_b_16", resize_positions)
+    return backbone
 
 
 
@@ -170,8 +406,7 @@ def _small_cnn(input_shape: tuple[int, ...], cfg: BackboneConfig, dense: bool) -
     if len(input_shape) != 3:
         raise ValueError(f"small_cnn needs image inputs (C, H, W), got input shape {input_shape}")
     net = SmallCNN(input_shape[0], cfg.width, dense if cfg.dilated is None else cfg.dilated)
-    if cfg.weights:
-        load_local_weights(net, cfg.weights, strict=cfg.strict)
+    load_weights(net, cfg, None)
     return net
 
 
@@ -207,8 +442,7 @@ def _mlp(input_shape: tuple[int, ...], cfg: BackboneConfig, dense: bool) -> nn.M
     hidden = list(cfg.options.get("hidden", [16 * cfg.width, 8 * cfg.width]))
     net = MLP(int(torch.tensor(input_shape).prod()), hidden, float(cfg.options.get("dropout", 0.1)),
               str(cfg.options.get("norm", "batch")))
-    if cfg.weights:
-        load_local_weights(net, cfg.weights, strict=cfg.strict)
+    load_weights(net, cfg, None)
     return net
 
 
@@ -289,8 +523,7 @@ def _vit_small(input_shape: tuple[int, ...], cfg: BackboneConfig, dense: bool) -
     net = SmallViT(input_shape[0], (input_shape[1], input_shape[2]), int(o.get("patch", default_patch)),
                    int(o.get("dim", 4 * cfg.width)), int(o.get("depth", 6)), int(o.get("heads", 4)),
                    float(o.get("mlp_ratio", 4.0)), dense)
-    if cfg.weights:
-        load_local_weights(net, cfg.weights, strict=cfg.strict)
+    load_weights(net, cfg, None)
     return net
 
 
@@ -333,9 +566,30 @@ def build_backbone(cfg: BackboneConfig, input_shape: tuple[int, ...], dense: boo
             import timm
         except ImportError as err:
             raise ValueError(f"backbone {cfg.name!r} needs timm: pip install 'mola[timm]'") from err
-        net = timm.create_model(cfg.name[5:], pretrained=False, num_classes=0, in_chans=input_shape[0],
-                                **cfg.options)
-        if cfg.weights:
-            load_local_weights(net, cfg.weights, strict=cfg.strict)
+        pretrained = cfg.weights == "pretrained"
+        try:
+            net = timm.create_model(cfg.name[5:], pretrained=pretrained, num_classes=0, in_chans=input_shape[0],
+                                    **cfg.options)
+        except Exception as err:  # noqa: BLE001 - offline hub errors come in many types
+            if not pretrained or "Unknown model" in str(err):
+                raise
+            raise FileNotFoundError(_timm_offline_message(cfg.name[5:], err)) from None
+        if cfg.weights and not pretrained:
+            load_weights(net, cfg, None)
         return TimmBackbone(net, dense)
     return BACKBONES.get(cfg.name)(tuple(input_shape), cfg, dense)
+
+
+def _timm_offline_message(model: str, err: Exception) -> str:
+    """One line: which Hugging Face file timm wanted, the cache folder it looked in, and how to place it."""
+    import timm
+    from huggingface_hub import constants
+
+    pcfg = timm.models.get_pretrained_cfg(model)
+    repo = getattr(pcfg, "hf_hub_id", None) or f"timm/{model}"
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return (f"timm pretrained weights for {model!r}: model.safetensors of the Hugging Face repo {repo} is not in "
+            f"the cache {constants.HF_HUB_CACHE} and could not be downloaded ({first}); on a machine with network "
+            f"run `huggingface-cli download {repo}` and copy its cache folder models--{repo.replace('/', '--')} "
+            "into that cache (HF_HOME sets its root; HF_HUB_OFFLINE=1 reads it without network), or set "
+            "model.backbone.weights to a local state-dict file")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,7 @@ from mola.config_utils import from_dict
 from mola.data.base import Heterogeneity, TaskInfo
 from mola.inject import MoLAConfig
 from mola.models.backbones import MLP, BackboneConfig, SmallViT
-from mola.models.heads import make_head
+from mola.models.heads import DenseHead, make_head
 from mola.registry import Registry
 
 
@@ -32,7 +32,8 @@ class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     mola: MoLAConfig = field(default_factory=MoLAConfig)
     options: dict[str, Any] = field(default_factory=dict)  # options of the architecture (see its Options)
-    head_hidden: int = 128  # hidden channels of the dense (segmentation/depth/normal) heads
+    head: Literal["auto", "pspnet"] = "auto"  # dense-task heads: auto (small conv decoder) or pspnet (PSPNet)
+    head_hidden: int = 128  # hidden channels of the dense (segmentation/depth/normal) heads (PSPNet: 512)
 
 
 def task_rows(task_ids: Tensor, num_tasks: int) -> dict[int, Tensor]:
@@ -111,7 +112,8 @@ class MultiTaskModel(nn.Module):
 
     def _fixed_size(self) -> bool:
         if self._fixed_input_size is None:
-            self._fixed_input_size = any(isinstance(m, (MLP, SmallViT)) for m in self.modules())
+            self._fixed_input_size = any(isinstance(m, (MLP, SmallViT)) or getattr(m, "fixed_input_size", False)
+                                         for m in self.modules())
         return self._fixed_input_size
 
     @property
@@ -127,6 +129,13 @@ class MultiTaskModel(nn.Module):
         if self.shared_head:
             return nn.ModuleList([make_head(self.tasks[0], in_dim, hidden)])
         return nn.ModuleList([make_head(t, in_dim, hidden) for t in self.tasks])
+
+    def use_dense_head(self, kind: str, hidden: int) -> None:
+        """Replace every dense-task head by a ``kind`` head (``model.head``) reading the same features."""
+        for i, h in enumerate(self.heads):
+            if isinstance(h, DenseHead):
+                task = self.tasks[0] if self.shared_head else self.tasks[i]
+                self.heads[i] = make_head(task, h.in_dim, hidden, kind)
 
     def head(self, t: int) -> nn.Module:
         return self.heads[0] if self.shared_head else self.heads[t]

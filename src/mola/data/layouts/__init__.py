@@ -8,5 +8,6 @@ from mola.data.layouts import (  # noqa: F401  (imported for their registrations
     multidigit,
     nyuv2,
     office_caltech10,
+    paper,
     radimagenet,
 )

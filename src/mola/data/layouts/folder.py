@@ -103,7 +103,8 @@ def build_file_splits(
             labels += lab
             tids += [t] * len(p)
         verify_image_files(paths)  # header + verify now: a corrupt file fails here, not in epoch 3
-        tf = ImageFileTransform(size, channels, augment=cfg.augment and s == "train", gray=gray)
+        recipe = "paper" if cfg.augment == "paper" else "domainbed"
+        tf = ImageFileTransform(size, channels, augment=bool(cfg.augment) and s == "train", gray=gray, recipe=recipe)
         out[s] = ImageFileDataset(paths, labels, tids, tf)
     return out
 
