@@ -423,6 +423,18 @@ def test_parameter_groups_partition_the_model(case: str) -> None:
     assert bool(shared) == (case != "single_task")  # every multi-task arch shares something
 
 
+def test_router_mode_adapters_are_shared_grad_mode_adapters_task_specific() -> None:
+    """Router mode mixes every adapter into every sample, so gradient methods must combine their gradients."""
+    for case, adapters_shared in (("mola_router", True), ("mola_grad", False)):
+        model = build_model(scenario("multi_input"), model_cfg(case))
+        adapters = {id(p) for p in model.encoder.adapter_parameters().values()}
+        shared = {id(p) for p in model.shared_parameters()}
+        task = {id(p) for p in model.task_parameters()}
+        assert adapters and (adapters <= shared) == adapters_shared and (adapters <= task) != adapters_shared
+        if adapters_shared:  # router and lift are shared as well; only the heads are per task
+            assert task == {id(p) for p in model.heads.parameters()}
+
+
 def test_task_specific_groups_of_new_archs() -> None:
     expect = {"cross_stitch": {"heads"}, "mmoe": {"heads", "gates"}, "cgc": {"heads", "gates", "task_experts"},
               "dselect_k": {"heads", "gates"}, "ltb": {"heads"}, "mtan": {"heads", "attention"}}

@@ -425,10 +425,10 @@ def inject(model: nn.Module, config: MoLAConfig) -> MoLAModel:
     if config.mode == "router":
         router = build_router(model, config)
         lift = Lift(config.num_experts, config.lift_dim, config.lift_hidden)
-        p = next(model.parameters(), None)
-        if p is not None:
-            router.to(p.device)
-            lift.to(p.device)
+        p = next((q for q in model.parameters() if q.is_floating_point()), None)
+        if p is not None:  # router and lift follow the model's device and dtype (a float64 model stays float64)
+            router.to(device=p.device, dtype=p.dtype)
+            lift.to(device=p.device, dtype=p.dtype)
     return MoLAModel(model, config, layers, router, lift)
 
 

@@ -39,6 +39,9 @@ class MoLANet(MultiTaskModel):
         if mcfg.mode == "grad" and mcfg.num_experts != len(tasks):
             raise ValueError(f"MoLA-Grad needs num_experts = number of tasks ({len(tasks)}), got {mcfg.num_experts}")
         self.mola_config = mcfg
+        # grad mode: adapter t sees task t only (task-specific); router mode: every sample mixes every adapter,
+        # so the adapters are shared and gradient methods combine their per-task gradients
+        self.task_specific_groups = ("heads", "adapters") if mcfg.mode == "grad" else ("heads",)
         net = backbone()
         self.encoder = inject(net, mcfg)
         self.heads = self.make_heads(net.out_dim, cfg.head_hidden)
