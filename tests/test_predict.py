@@ -17,7 +17,8 @@ from fixtures_runs import train_tiny_run, write_test_pngs
 from mola.analysis.routing import task_inference_accuracy as analysis_accuracy
 from mola.cli.main import main
 from mola.cli.predict import COLUMNS
-from mola.task_inference import TaskCentroids, fit_centroids, fit_sigma2, load_run, posterior_nll
+from mola.engine.run import load_run
+from mola.task_inference import TaskCentroids, fit_centroids, fit_sigma2, posterior_nll
 
 
 # -- centroids and confidence on synthetic codes ------------------------------------------------------------
@@ -114,7 +115,7 @@ def test_predict_router_infers_task(router_run: Path, images: tuple[Path, dict[s
     rows = read_rows(out)
     assert [r["path"] for r in rows] == sorted(f"{n}_{i}.png" for n in written for i in range(3))
     # hand reference: MedMNIST preprocessing, router code, nearest stored centroid, the task's head
-    _, _, model = load_run(router_run)
+    model = load_run(router_run).model
     cents = json.loads((router_run / "task_centroids.json").read_text())
     c, s2 = np.array(cents["centroids"]), cents["sigma2"]
     imgs = np.concatenate([written[n] for n in sorted(written)])

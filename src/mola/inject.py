@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from mola.config_utils import from_dict
 from mola.layers import Lift, MLPRouter, MoLAConv2d, MoLALayer, MoLALinear, Router, Routing, twd_loss
+from mola.layers.routing import check_task_ids
 
 PRESETS = ("last_stage", "all_stages")
 _M = TypeVar("_M", bound=nn.Module)
@@ -197,28 +198,20 @@ class MoLAModel(nn.Module):
 
     # -- routing --------------------------------------------------------------------------------------
     def _check_task_ids(self, task_ids: Any, batch: int, bounded: bool) -> Tensor:
-        if not isinstance(task_ids, Tensor):
-            raise ValueError(f"task_ids must be a torch.Tensor of shape ({batch},), got {type(task_ids).__name__}")
-        if task_ids.dtype.is_floating_point or task_ids.dtype == torch.bool or task_ids.is_complex():
-            raise ValueError(f"task_ids must be an integer tensor, got dtype {task_ids.dtype}")
-        if task_ids.shape != (batch,):
-            raise ValueError(f"task_ids must have shape ({batch},) to match the batch, got {tuple(task_ids.shape)}")
-        if batch and not torch.compiler.is_compiling():
-            lo, hi = int(task_ids.min()), int(task_ids.max())
-            top = self.num_experts if bounded else None
-            if lo < 0 or (top is not None and hi >= top):
-                bad = lo if lo < 0 else hi
-                rng = f"[0, {top})" if top is not None else ">= 0"
-                raise ValueError(f"task id {bad} out of range {rng} (num_experts={self.num_experts})")
-        return task_ids.long()
+        top = self.num_experts if bounded else None
+        return check_task_ids(task_ids, batch, 0, top, f" (num_experts={self.num_experts})").long()
 
-    def set_routing(self, x: Any, task_ids: Tensor | None = None, weights: Tensor | None = None) -> None:
-        """Fill the shared routing state for input ``x`` (what ``forward`` does before calling the model)."""
+    def set_routing(self, x: Any, task_ids: Tensor | None = None, weights: Tensor | None = None,
+                    groups: tuple[Tensor, list[int]] | None = None, checked: bool = False) -> None:
+        """Fill the shared routing state for input ``x`` (what ``forward`` does before calling the model).
+
+        ``checked``: the caller (``MoLANet``) already validated ``task_ids``; ``groups``: ``task_groups(task_ids,
+        E)`` it already computed. Each saves work per forward (and a host sync on CPU)."""
         if not isinstance(x, Tensor):
             raise ValueError("MoLAModel expects the first input to be a batch tensor")
         batch = x.shape[0]
         grad = self.config.mode == "grad"
-        if task_ids is not None:
+        if task_ids is not None and not checked:
             task_ids = self._check_task_ids(task_ids, batch, bounded=grad).to(x.device)
         if weights is not None:
             if not isinstance(weights, Tensor) or weights.shape != (batch, self.num_experts):
@@ -231,7 +224,7 @@ class MoLAModel(nn.Module):
         if grad:
             if task_ids is None:
                 raise ValueError("MoLA-Grad needs task_ids: call model(x, task_ids=...) with a (B,) int tensor")
-            self.routing.set_task_ids(task_ids)
+            self.routing.set_task_ids(task_ids, groups)
             return
         assert self.router is not None and self.lift is not None
         logits = self.router(x)
@@ -243,8 +236,8 @@ class MoLAModel(nn.Module):
         self.routing.z = self.lift(logits if self.config.lift_input == "logits" else w)
 
     def forward(self, x: Any, *args: Any, task_ids: Tensor | None = None, weights: Tensor | None = None,
-                **kwargs: Any) -> Any:
-        self.set_routing(x, task_ids, weights)
+                groups: tuple[Tensor, list[int]] | None = None, checked: bool = False, **kwargs: Any) -> Any:
+        self.set_routing(x, task_ids, weights, groups, checked)
         return self.model(x, *args, **kwargs)
 
     def twd_loss(self, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
@@ -402,6 +395,13 @@ def build_router(model: nn.Module, config: MoLAConfig) -> nn.Module:
     return MLPRouter(fin, config.num_experts)
 
 
+def find_mola_model(model: nn.Module) -> MoLAModel | None:
+    """The MoLAModel inside ``model`` (itself, e.g. ``MoLANet.encoder``, or under a DDP ``module``), or None."""
+    if isinstance(model, MoLAModel):
+        return model
+    return next((m for m in model.modules() if isinstance(m, MoLAModel)), None)
+
+
 def inject(model: nn.Module, config: MoLAConfig) -> MoLAModel:
     """Replace the targeted Conv2d/Linear modules of ``model`` in place with MoLA layers; return the MoLAModel."""
     if not isinstance(config, MoLAConfig):
@@ -432,4 +432,4 @@ def inject(model: nn.Module, config: MoLAConfig) -> MoLAModel:
     return MoLAModel(model, config, layers, router, lift)
 
 
-__all__ = ["MoLAConfig", "MoLAModel", "build_router", "inject", "pattern_matches", "resolve_targets"]
+__all__ = ["MoLAConfig", "MoLAModel", "build_router", "find_mola_model", "inject", "pattern_matches", "resolve_targets"]

@@ -42,6 +42,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"resuming {run_dir} from {path.name} at epoch {trainer.epoch}, batch {trainer.batch_in_epoch} "
                   f"(step {trainer.step})", file=sys.stderr)
     final = trainer.fit()
+    from mola.task_inference import write_trained_centroids  # MoLA-Router: task centroids of z, for `mola predict`
+
+    write_trained_centroids(trainer)
     if main:
         split = "test" if final["test"] else "val"
         print(f"\n{cfg.name}: {split} metrics of the best-on-val checkpoint (epoch {final['best_epoch']}), "
@@ -51,23 +54,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mola.config_utils import from_dict
-    from mola.engine import RunConfig, Trainer, format_table
-    from mola.engine.checkpoint import checkpoint_path, load_checkpoint
+    from mola.data.loaders import make_eval_loader
+    from mola.engine import evaluate, format_table, load_run
+    from mola.engine.setup import resolve_device
 
-    path = checkpoint_path(args.checkpoint, "best")
-    ckpt = load_checkpoint(path)
-    cfg = from_dict(RunConfig, ckpt["config"])
-    cfg.train.progress = False
-    trainer = Trainer(cfg, path.parent.parent)
-    trainer.load_state(ckpt, training=False)
+    device = resolve_device(args.device)
+    run = load_run(args.checkpoint, args.which, device, overrides=args.overrides)
     splits = ["val", "test"] if args.split == "both" else [args.split]
-    out = {s: trainer.evaluate(s) for s in splits}
+    out = {s: evaluate(run.model, make_eval_loader(getattr(run.scenario, s), run.cfg.data), run.scenario.tasks,
+                       device, progress=True, desc=s) for s in splits}
+    print(f"{run.path} (epoch {run.state.get('epoch', 0) - 1}):")
     for s in splits:
         print(f"{s}:")
         print(format_table({s: out[s], "val": out[s]}, s))
     if args.output:
-        Path(args.output).write_text(json.dumps(out, indent=2))
+        from mola.files import write_text
+
+        write_text(json.dumps(out, indent=2), args.output)
     return 0
 
 
@@ -108,10 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default: out_dir/name)")
     t.add_argument("--resume", action="store_true", help="continue the run in the run directory")
     t.set_defaults(func=cmd_train)
-    e = sub.add_parser("eval", help="evaluate a checkpoint file or a run directory's best checkpoint")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--split", choices=["val", "test", "both"], default="both")
-    e.add_argument("--output", help="write the metrics as JSON here")
+    e = sub.add_parser("eval", help="evaluate a checkpoint file or a run directory's best checkpoint",
+                       description="Rebuild the run's model and data from its stored config and report the metrics "
+                                   "of each task on val and/or test (no training, nothing written unless --output).")
+    e.add_argument("--checkpoint", required=True, help="run directory (its --which checkpoint) or checkpoint file")
+    e.add_argument("--which", choices=["best", "last"], default="best",
+                   help="checkpoint of a run directory: best on val (default) or last")
+    e.add_argument("--split", choices=["val", "test", "both"], default="both", help="split(s) to evaluate")
+    e.add_argument("--output", help="also write the metrics as JSON to this file")
+    e.add_argument("--device", default="cpu", help="device to evaluate on: cpu (default), cuda, auto, ...")
+    e.add_argument("overrides", nargs="*", metavar="data.root=PATH",
+                   help="where the data is now, if it moved since training (also data.eval_batch_size, "
+                        "data.num_workers)")
     e.set_defaults(func=cmd_eval)
     ls = sub.add_parser("list", help="scenarios, archs, weightings, methods and backbones")
     ls.set_defaults(func=cmd_list)

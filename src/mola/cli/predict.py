@@ -8,10 +8,9 @@ through the inferred task's head; the CSV also carries the inferred task and its
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
-import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -124,16 +123,20 @@ def _class_names(scenario: Any, task: str, num_classes: int) -> list[str]:
 
 def predict_images(run: str | os.PathLike[str], images: str | os.PathLike[str], task: str | None = None,
                    device: str = "cpu", batch_size: int = 64, top_k: int = 3,
-                   compute_centroids: bool = False) -> list[dict[str, Any]]:
-    """One row (``COLUMNS``) per image of ``images``, predicted by the best checkpoint of ``run``."""
+                   compute_centroids: bool = False, overrides: Sequence[str] = (),
+                   progress: bool = False) -> list[dict[str, Any]]:
+    """One row (``COLUMNS``) per image of ``images``, predicted by the best checkpoint of ``run``;
+    ``overrides`` (``data.root=...``) point at the run's data if it moved since training."""
+    from mola.engine.evaluate import progress_bar
+    from mola.engine.run import load_run, run_dir_of
     from mola.export import resolve_task
-    from mola.models import task_rows
-    from mola.task_inference import compute_run_centroids, is_router_multitask, load_run, load_run_centroids, run_dir_of
+    from mola.task_inference import compute_run_centroids, is_router_multitask, load_run_centroids
 
     run_dir = run_dir_of(run)
     if compute_centroids:
-        print(f"wrote {compute_run_centroids(run, device)}", file=sys.stderr)
-    cfg, scenario, model = load_run(run, "best", device)
+        print(f"wrote {compute_run_centroids(run, device, overrides)}", file=sys.stderr)
+    loaded = load_run(run, "best", device, overrides=overrides)
+    cfg, scenario, model = loaded.cfg, loaded.scenario, loaded.model
     names = [t.name for t in scenario.tasks]
     tid = resolve_task(task, names) if task is not None else None
     router = is_router_multitask(model)
@@ -161,7 +164,7 @@ def predict_images(run: str | os.PathLike[str], images: str | os.PathLike[str], 
     rows: list[dict[str, Any]] = []
     enc = getattr(model, "encoder", None)
     with torch.no_grad():
-        for start in range(0, len(files), batch_size):
+        for start in progress_bar(range(0, len(files), batch_size), "predict", progress, unit="batch"):
             chunk = files[start:start + batch_size]
             x = torch.stack([prep.load(p) for p in chunk]).to(device)
             inferred = conf = None
@@ -177,7 +180,7 @@ def predict_images(run: str | os.PathLike[str], images: str | os.PathLike[str], 
                 for i in range(len(chunk)):
                     logits[i] = outs[tid][i]
             else:
-                for k, r in task_rows(ids, len(names)).items():
+                for k, r in model.task_rows(ids).items():
                     for j, i in enumerate(r.tolist()):
                         logits[i] = outs[k][j]
             for i, p in enumerate(chunk):
@@ -197,27 +200,12 @@ def predict_images(run: str | os.PathLike[str], images: str | os.PathLike[str], 
     return rows
 
 
-def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Rows to CSV (``COLUMNS``), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
+    from mola.files import write_csv
+
     rows = predict_images(args.checkpoint, args.images, args.task, args.device, args.batch_size, args.top_k,
-                          args.compute_centroids)
-    out = write_csv(rows, args.out)
+                          args.compute_centroids, args.overrides, progress=True)
+    out = write_csv(rows, args.out, COLUMNS)
     print(f"wrote {len(rows)} predictions to {out}")
     return 0
 
@@ -237,4 +225,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--compute-centroids", action="store_true",
                    help="compute and store RUN/task_centroids.json first (router runs trained before they existed)")
+    p.add_argument("overrides", nargs="*", metavar="data.root=PATH",
+                   help="where the run's data is now, if it moved since training")
     p.set_defaults(func=cmd_predict)

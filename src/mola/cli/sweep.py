@@ -234,7 +234,11 @@ def _train_in_process(run: PlannedRun, spec: SweepSpec) -> dict[str, Any]:
     trainer = Trainer(cfg, run.run_dir)
     if run.status == "resume":
         trainer.resume()
-    return trainer.fit()
+    final = trainer.fit()
+    from mola.task_inference import write_trained_centroids
+
+    write_trained_centroids(trainer)
+    return final
 
 
 def _train_subprocess(run: PlannedRun, spec: SweepSpec, threads: int | None) -> None:

@@ -45,6 +45,7 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or skips that step
     checkpoint_every_steps: int | None = None  # also write the `last` checkpoint every N steps (null: per epoch)
     progress: bool = True  # show a progress bar
+    log_every_steps: int = 50  # steps between reads of the running losses/method outputs (progress bar, TensorBoard)
     tensorboard: bool = True  # write TensorBoard events to RUN_DIR/tb
     single_task_results: str | None = None  # final.json of a single-task run: adds delta_m / delta_p to final.json
 

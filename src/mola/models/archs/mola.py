@@ -60,8 +60,10 @@ class MoLANet(MultiTaskModel):
             return {i: self.head(i)(feats[i * b:(i + 1) * b], size) for i in range(t)}
         if self.single_input:
             feats = self.encoder(x)
+        elif self.mode == "grad":  # ids checked by this model's pre-hook; one grouping per batch for all layers
+            feats = self.encoder(x, task_ids=task_ids.long(), groups=self.task_groups(task_ids), checked=True)
         else:
-            feats = self.encoder(x, task_ids=task_ids)
+            feats = self.encoder(x, task_ids=task_ids.long(), checked=True)
         self.features = feats
         return self.apply_heads(feats, task_ids, size)
 
