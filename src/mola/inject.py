@@ -288,7 +288,7 @@ class MoLAModel(nn.Module):
         """Write adapters, router and lift tensors + the config (metadata) to one .safetensors file, atomically."""
         from safetensors.torch import save_file
 
-        from mola import __version__
+        from mola._version import __version__
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ def export_run(checkpoint: str, task: str, out: str, fmt: str = "pt2", peft: boo
 
     ``mixing`` (router runs): ``task-mean`` (default) folds in the task's mean router weights over its training
     samples; ``expert`` folds in adapter t alone. MoLA-Grad runs always fold in adapter t."""
-    from mola import __version__
+    from mola._version import __version__
     from mola.cli.predict import image_preprocessing
     from mola.engine.run import load_run
     from mola.export import (

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from mola import __version__
+from mola._version import __version__
 
 
 def _run_dir(cfg, out: str | None) -> Path:
