@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from mola._version import __version__
 
@@ -23,6 +24,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.train.seed = args.seed
     run_dir = _run_dir(cfg, args.out)
     from mola.engine.single_task import fit_single_task, run_has_checkpoint
+
+    if args.dry_run:
+        return _dry_run(cfg, run_dir, args.resume)
 
     resumable = run_has_checkpoint(run_dir)
     if resumable and not args.resume:
@@ -50,6 +54,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"\n{cfg.name}: {split} metrics of the best-on-val checkpoint (epoch {final['best_epoch']}), "
               f"run dir {run_dir}")
         print(format_table(final, split))
+    return 0
+
+
+def _dry_run(cfg: Any, run_dir: Path, resume: bool) -> int:
+    """Check a run config without training (names, the data: read and split as training would) and print what
+    would be trained."""
+    from mola.data import build_scenario
+    from mola.engine.setup import validate_names
+    from mola.engine.single_task import run_has_checkpoint as has_checkpoint
+
+    validate_names(cfg)
+    root = Path(cfg.data.root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"data folder {str(root)!r} (data.root) does not exist; set data.root=PATH")
+    scenario = build_scenario(cfg.data)
+    state = "resume" if resume and has_checkpoint(run_dir) else "new"
+    if has_checkpoint(run_dir) and not resume:
+        raise ValueError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
+                         "or --out DIR for a new one")
+    arch = cfg.model.arch + (f" ({cfg.model.mola.mode})" if cfg.model.arch == "mola" else "")
+    sizes = "/".join(str(len(getattr(scenario, s))) for s in ("train", "val", "test"))
+    print(f"would train ({state}) {cfg.name}: {scenario.name}, {scenario.num_tasks} tasks "
+          f"({', '.join(t.name for t in scenario.tasks)}), {sizes} train/val/test samples at {root}; arch {arch}, "
+          f"weighting {cfg.train.weighting}, method {cfg.train.method}, {cfg.train.epochs} epochs -> {run_dir}")
     return 0
 
 
@@ -110,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="shorthand for train.seed")
     t.add_argument("--out", help="run directory (default: out_dir/name)")
     t.add_argument("--resume", action="store_true", help="continue the run in the run directory")
+    t.add_argument("--dry-run", action="store_true",
+                   help="check the config (names, data folder) and print what would be trained; train nothing")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="evaluate a checkpoint file or a run directory's best checkpoint",
                        description="Rebuild the run's model and data from its stored config and report the metrics "

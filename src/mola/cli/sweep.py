@@ -2,7 +2,7 @@
 
 sweep.yaml::
 
-    base: configs/medmnist.yaml          # a run config (relative: to the current folder, else the sweep file's)
+    base: configs/medmnist_grad.yaml     # a run config (relative: to the current folder, else the sweep file's)
     out_dir: runs/sweep1                 # one run directory per combination under here
     grid:                                # any of these axes; each a list (or one value)
       arch: [mola, hps]

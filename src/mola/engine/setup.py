@@ -37,7 +37,7 @@ def validate_names(cfg: RunConfig) -> None:
         if cfg.train.method in SHORTHANDS:
             raise ValueError(f"train.method {cfg.train.method!r} is a --method shorthand (it sets model.arch/"
                              "model.mola.mode); in a config file set model.arch: mola and model.mola.mode instead")
-        valid = ["erm", *SHORTHANDS, *DOMAIN_METHODS.names()]
+        valid = [*SHORTHANDS, "erm", *(n for n in DOMAIN_METHODS.names() if n != "erm")]
         close = difflib.get_close_matches(cfg.train.method, valid, n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"unknown method {cfg.train.method!r} (--method / train.method).{hint} "
