@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from mola.config_utils import from_dict
+from mola.files import atomic_write
 from mola.layers import Lift, MLPRouter, MoLAConv2d, MoLALayer, MoLALinear, Router, Routing, twd_loss
 from mola.layers.routing import check_task_ids
 
@@ -290,20 +290,9 @@ class MoLAModel(nn.Module):
 
         from mola._version import __version__
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.cpu().contiguous().clone() for k, v in self._adapter_state().items()}
         meta = {"format": "mola-adapters", "mola_version": __version__, "config": json.dumps(self._meta_config())}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load_adapters(self, path: str | os.PathLike[str]) -> None:
         """Load a file written by ``save_adapters``; another config, missing or extra tensors are ValueErrors."""

@@ -22,7 +22,6 @@ and ``out_dir/sweep_summary.csv`` gets one line per combination.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import os
@@ -38,6 +37,7 @@ from typing import Any
 import yaml
 
 from mola.engine.single_task import run_has_checkpoint
+from mola.files import write_csv, write_text
 
 GRID_AXES = ("arch", "method", "weighting", "seed")
 SWEEP_KEYS = ("base", "out_dir", "grid", "overrides")
@@ -254,7 +254,7 @@ def _train_subprocess(run: PlannedRun, spec: SweepSpec, threads: int | None) -> 
 
 def _execute(run: PlannedRun, spec: SweepSpec, subprocess_mode: bool, threads: int | None) -> dict[str, Any]:
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "sweep.json").write_text(json.dumps(run.meta(), indent=2))
+    write_text(json.dumps(run.meta(), indent=2), run.run_dir / "sweep.json")
     start = time.perf_counter()
     resumed = run.status == "resume"
     try:
@@ -290,16 +290,7 @@ def summary_row(run: PlannedRun, status: str, seconds: float | None = None, erro
 
 def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
     """Write the summary CSV atomically (columns in first-seen order)."""
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
+    write_csv(rows, path)
 
 
 def run_sweep(spec: SweepSpec, plan: list[PlannedRun], workers: int = 1, progress: bool = True) -> list[dict[str, Any]]:

@@ -123,7 +123,3 @@ class Scenario:
             "test": counts(self.test),
             "derived": self.derived,
         }
-
-
-def tensor_task_ids(task_ids: Any) -> Tensor:
-    return torch.as_tensor(task_ids, dtype=torch.long)
