@@ -73,18 +73,25 @@ def pattern_matches(pattern: str, name: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def _stages(model: nn.Module) -> tuple[list[str], str]:
-    """Stage prefixes of a known backbone and what to wrap in them ('conv', 'mlp' or 'any')."""
+STAGE_CONTAINERS = {"encoder.layers": "mlp", "blocks": "mlp", "transformer.resblocks": "mlp", "layers": "mlp",
+                    "stages": "conv"}
+"""Module lists that hold a backbone's stages (torchvision/timm ViTs, CLIP, Swin; timm ConvNets) and what the
+``last_stage``-style presets wrap in them."""
+
+
+def find_stages(model: nn.Module) -> tuple[list[str], str]:
+    """Stage prefixes of a known backbone and what to wrap in them ('conv', 'mlp' or 'any'): the one stage
+    detection of the package (inject presets, timm backbones). ValueError for an unknown layout."""
     custom = getattr(model, "mola_stages", None)
     if custom is not None:
         return list(custom), getattr(model, "mola_stage_modules", "any")
     names = dict(model.named_modules())
     if all(f"layer{i}" in names for i in (1, 2, 3)):
         return [f"layer{i}" for i in range(1, 5) if f"layer{i}" in names], "conv"
-    for container in ("encoder.layers", "blocks", "transformer.resblocks", "layers"):
+    for container, kind in STAGE_CONTAINERS.items():
         mod = names.get(container)
         if isinstance(mod, (nn.Sequential, nn.ModuleList)) and len(mod) > 0:
-            return [f"{container}.{n}" for n, _ in mod.named_children()], "mlp"
+            return [f"{container}.{n}" for n, _ in mod.named_children()], kind
     raise ValueError(
         f"target_modules presets {PRESETS} know torchvision/timm ResNets and ViTs and models with a "
         f"`mola_stages` attribute; {type(model).__name__} is none of these: pass a list of module names"
@@ -120,7 +127,7 @@ def resolve_targets(model: nn.Module, target_modules: str | list[str]) -> list[s
     """Qualified names of the modules ``target_modules`` selects, in model order; errors name the problem."""
     wrappable = _wrappable(model)
     if isinstance(target_modules, str):
-        prefixes, kind = _stages(model)
+        prefixes, kind = find_stages(model)
         chosen = _select_stages(prefixes, target_modules, kind)
         out = []
         for n, m in wrappable.items():
@@ -421,4 +428,5 @@ def inject(model: nn.Module, config: MoLAConfig) -> MoLAModel:
     return MoLAModel(model, config, layers, router, lift)
 
 
-__all__ = ["MoLAConfig", "MoLAModel", "build_router", "find_mola_model", "inject", "pattern_matches", "resolve_targets"]
+__all__ = ["MoLAConfig", "MoLAModel", "build_router", "find_mola_model", "find_stages", "inject", "pattern_matches",
+           "resolve_targets"]
