@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fixtures_runs import train_tiny_run, write_test_pngs
+from fixtures_runs import make_data, train_tiny_run, write_test_pngs
 from mola.analysis.routing import task_inference_accuracy as analysis_accuracy
 from mola.cli.main import main
 from mola.cli.predict import COLUMNS
@@ -191,3 +191,24 @@ def test_grad_run_needs_task(tmp_path: Path, images: tuple[Path, dict[str, np.nd
     assert main(["predict", "--checkpoint", str(run), "--images", str(folder), "--out", str(out), "--task", "1"]) == 0
     rows = read_rows(out)
     assert {r["task"] for r in rows} == {"dark"} and {r["inferred_task"] for r in rows} == {""}
+
+
+@pytest.mark.parametrize(("kind", "channels"), [("folder", 3), ("folder", 1), ("radimagenet", 3)])
+def test_layout_preprocessing_matches_the_training_pipeline(tmp_path: Path, kind: str, channels: int) -> None:
+    """An image layout's declared single-image preprocessing (used by predict) gives the tensor training read."""
+    from fixtures_data import make_image_tree
+    from mola.data import DataConfig, build_scenario
+
+    groups = {"d0": {"a": 4, "b": 4}, "d1": {"a": 4, "b": 4}}
+    make_image_tree(tmp_path / "data", groups)
+    sc = build_scenario(DataConfig(kind=kind, root=str(tmp_path / "data"), image_size=12, channels=channels))
+    assert sc.preprocessing is not None and sc.preprocessing.channels == channels
+    for i in range(len(sc.val)):
+        torch.testing.assert_close(sc.preprocessing.load(Path(sc.val.paths[i])), sc.val[i][0], atol=1e-6, rtol=0)
+
+
+def test_array_layouts_declare_their_preprocessing(tmp_path: Path) -> None:
+    from mola.data import DataConfig, build_scenario
+
+    sc = build_scenario(DataConfig(kind="medmnist", root=str(make_data(tmp_path / "data")), channels=1))
+    assert sc.preprocessing is not None and sc.preprocessing.mean == (0.5,) and sc.preprocessing.size == (28, 28)

@@ -115,7 +115,7 @@ def export_run(checkpoint: str, task: str, out: str, fmt: str = "pt2", peft: boo
             vs_router = {"max_abs_error": float((got - own).abs().max()),
                          "argmax_agreement": float((got.argmax(1) == own.argmax(1)).float().mean())}
     try:
-        prep = image_preprocessing(cfg.data.kind, scenario).to_dict()
+        prep = image_preprocessing(scenario).to_dict()
     except ValueError:
         prep = None
     info: dict[str, Any] = {

@@ -11,92 +11,25 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from mola.data.preprocess import ImagePreprocessing
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-ACCEPTED_MODES = ("1", "L", "P", "RGB")
 COLUMNS = ["path", "task", "inferred_task", "confidence", "class_index", "class_name", "probability", "top_k"]
 
 
-@dataclass
-class ImagePreprocessing:
-    """How training turned an image into the model input: channels, size, scaling and mean/std.
-
-    ``resize="pil"``: PIL bilinear resize, then [0, 1] and mean/std (image-file layouts, ``ImageFileTransform``);
-    ``resize="tensor"``: [0, 1], mean/std, then bilinear resize of the tensor (array layouts such as MedMNIST).
-    Gray and RGB images are converted to ``channels`` as training did (gray replicated, RGB -> luminance).
-    """
-
-    channels: int
-    size: tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    resize: str = "tensor"
-    gray: bool = False
-
-    def load(self, path: Path) -> Tensor:
-        """The (C, H, W) float input for one image file; ValueError naming the file on a bad image."""
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as im:
-                im.load()
-                mode, bands = im.mode, len(im.getbands())
-                if mode not in ACCEPTED_MODES or (mode == "P" and "transparency" in im.info):
-                    raise ValueError(
-                        f"image {str(path)!r} has mode {mode} ({bands} channel(s)); the model expects "
-                        f"{self.channels}-channel input and mola predict accepts gray or RGB images (no alpha, "
-                        f"CMYK or 16-bit): convert it to {'L' if self.channels == 1 else 'RGB'} first")
-                im = im.convert("L" if (self.gray or self.channels == 1) else "RGB")
-        except (OSError, UnidentifiedImageError, SyntaxError) as err:
-            raise ValueError(f"cannot read image file {str(path)!r}: {err}") from err
-        return self._pipeline(im)
-
-    def _pipeline(self, im: Any) -> Tensor:
-        from torchvision.transforms import functional as TF
-
-        from mola.data.transforms import resize_tensor, to_channels
-
-        if self.resize == "pil":
-            im = TF.resize(im, list(self.size))
-        x = to_channels(TF.to_tensor(im), self.channels)
-        mean = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
-        x = (x - mean) / std
-        return resize_tensor(x, self.size) if self.resize == "tensor" else x
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def image_preprocessing(data_kind: str, scenario: Any) -> ImagePreprocessing:
-    """The preprocessing of ``scenario`` (built by data kind ``data_kind``); ValueError for non-image inputs."""
-    from mola.data.transforms import normalize_stats
-
-    shape = tuple(scenario.input_shape)
-    if len(shape) != 3 or shape[0] not in (1, 3):
-        raise ValueError(f"mola predict reads image files; this run's inputs ({data_kind}) have shape {shape}, "
-                         "not (1 or 3, H, W) images")
-    c, size = shape[0], (shape[1], shape[2])
-    if data_kind == "medmnist":
-        return ImagePreprocessing(c, size, (0.5,) * c, (0.5,) * c)
-    if data_kind == "digits":
-        m, s = float(scenario.extra["mean"]), float(scenario.extra["std"])
-        return ImagePreprocessing(c, size, (m,) * c, (s,) * c)
-    if data_kind == "multidigit":
-        from mola.data.layouts.multidigit import MNIST_MEAN, MNIST_STD
-
-        return ImagePreprocessing(c, size, (MNIST_MEAN,) * c, (MNIST_STD,) * c)
-    if data_kind in ("folder", "radimagenet"):
-        mean, std = normalize_stats(c)
-        return ImagePreprocessing(c, size, tuple(mean), tuple(std), resize="pil", gray=data_kind == "radimagenet")
-    raise ValueError(f"mola predict does not know how data kind {data_kind!r} preprocesses images; known: "
-                     "medmnist, digits, multidigit, folder, radimagenet")
+def image_preprocessing(scenario: Any) -> ImagePreprocessing:
+    """The single-image preprocessing the run's data layout declared; ValueError for non-image inputs."""
+    prep = getattr(scenario, "preprocessing", None)
+    if prep is None:
+        raise ValueError(f"mola predict reads image files; this run's inputs ({scenario.name}, shape "
+                         f"{tuple(scenario.input_shape)}) are not images its data layout can read from a file")
+    return prep
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
@@ -158,7 +91,7 @@ def predict_images(run: str | os.PathLike[str], images: str | os.PathLike[str], 
     bad = [names[k] for k in wanted if scenario.tasks[k].kind != "classification"]
     if bad:
         raise ValueError(f"mola predict writes class predictions; task(s) {bad} are not classification tasks")
-    prep = image_preprocessing(cfg.data.kind, scenario)
+    prep = image_preprocessing(scenario)
     files = list_images(images)
     root = Path(images)
     rows: list[dict[str, Any]] = []

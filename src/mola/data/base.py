@@ -102,6 +102,7 @@ class Scenario:
     derived: bool = False
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    preprocessing: Any = None  # ImagePreprocessing: one image file -> input (mola predict); None: not images
 
     @property
     def num_tasks(self) -> int:
