@@ -41,7 +41,6 @@ from mola.files import write_csv, write_text
 
 GRID_AXES = ("arch", "method", "weighting", "seed")
 SWEEP_KEYS = ("base", "out_dir", "grid", "overrides")
-MOLA_METHODS = ("mola_grad", "mola_router")
 
 
 @dataclass
@@ -167,11 +166,16 @@ def load_sweep(path: str | Path) -> SweepSpec:
     return parse_sweep(data or {}, p.parent)
 
 
-def _invalid_reason(arch: str | None, method: str | None, weighting: str | None) -> str:
-    if method in MOLA_METHODS and arch not in (None, "mola"):
-        return f"method {method} implies arch mola, not {arch}"
-    if method not in (None, "erm", *MOLA_METHODS) and weighting not in (None, "ew"):
-        return f"domain method {method} combines only with weighting ew, not {weighting}"
+def _invalid_reason(spec: SweepSpec, run: PlannedRun) -> str:
+    """Why ``mola train`` would refuse this combination (the engine's own typed config and name checks), or ""."""
+    from mola.engine import load_config
+    from mola.engine.setup import validate_names
+
+    try:
+        validate_names(load_config(spec.base, run.overrides, arch=run.arch, weighting=run.weighting,
+                                   method=run.method))
+    except ValueError as err:
+        return str(err)
     return ""
 
 
@@ -203,7 +207,7 @@ def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
         run = PlannedRun(name, spec.out_dir / name, kw.get("arch"), kw.get("method"), kw.get("weighting"),
                          kw.get("seed"), [o for _, items in ov for o in items],
                          {axis: lbl for axis, (lbl, _) in zip(spec.overrides, ov, strict=True)})
-        reason = _invalid_reason(run.arch, run.method, run.weighting)
+        reason = _invalid_reason(spec, run)
         run.status, run.reason = ("invalid", reason) if reason else (run_status(run.run_dir), "")
         plan.append(run)
     return plan

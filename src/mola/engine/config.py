@@ -125,6 +125,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"config file {p} must hold a mapping at top level")
         data = loaded or {}
+    if method in SHORTHANDS and arch not in (None, "mola"):
+        raise ValueError(f"--method {method} implies --arch mola, not {arch}")
     if method is not None:
         if method in SHORTHANDS:
             _merge(data, SHORTHANDS[method])

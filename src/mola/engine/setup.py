@@ -42,6 +42,9 @@ def validate_names(cfg: RunConfig) -> None:
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"unknown method {cfg.train.method!r} (--method / train.method).{hint} "
                          f"Valid names: {', '.join(valid)}")
+    if cfg.train.method != "erm" and cfg.train.weighting != "ew":
+        raise ValueError(f"domain method {cfg.train.method} combines only with weighting ew, not "
+                         f"{cfg.train.weighting} (train.method / train.weighting)")
 
 
 def resolve_device(name: str) -> torch.device:

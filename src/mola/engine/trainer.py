@@ -97,9 +97,7 @@ class Trainer:
         t = self.scenario.num_tasks
         self.weighting: Method = get_weighting(cfg.train.weighting, t, **cfg.train.weighting_options)
         self.domain: Method | None = None
-        if cfg.train.method != "erm":
-            if cfg.train.weighting != "ew":
-                raise ValueError("combine a domain method (train.method) only with train.weighting=ew")
+        if cfg.train.method != "erm":  # validate_names: a domain method combines only with weighting ew
             self.domain = get_domain_method(cfg.train.method, t, feature_dim=self.model.feature_dim,
                                             **cfg.train.method_options)
         self.method = (self.domain or self.weighting).to(self.device)
