@@ -1,4 +1,4 @@
-"""Host syncs of one training step, counted on CPU (docs/performance.md).
+"""Host syncs of one training step, counted on CPU (docs/performance.md), and what the step logs.
 
 Every call that makes the host wait for a device result (``Tensor.item``, ``bool``, ``int``, ``float``, ``tolist``,
 ``numpy``, ``nonzero``) is counted while the Trainer trains. A step of the default loop may cost at most 2 on an
@@ -113,3 +113,39 @@ def test_the_counter_sees_a_per_task_item(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(trainer_mod.RunningMeans, "add", reading_add)
     sites = syncs_per_step(tmp_path, "mola_grad", None, "ew")
     assert sum(s.startswith("test_host_syncs.py") for s in sites) == 3, sites  # T = 3 tasks
+
+
+def test_method_outputs_reach_metrics_csv(tmp_path: Path) -> None:
+    """RLW's task weights (returned by its backward, kept on the device) are logged as epoch means in metrics.csv;
+    reference: the same seeded draws, w = T softmax(z), z ~ N(0, I), averaged by hand."""
+    import csv
+
+    cfg = load_config(None, ["model.backbone.name=small_cnn", "model.backbone.width=4", "data.batch_size=12",
+                             "train.progress=false", "train.tensorboard=false", "train.device=cpu", "train.epochs=1",
+                             "train.max_steps_per_epoch=4", "train.log_every_steps=2", "train.eval_test=false",
+                             "train.weighting_options.seed=3"], arch="hps", weighting="rlw")
+    Trainer(cfg, tmp_path / "run", scenario=scenario()).fit()
+    with open(tmp_path / "run" / "metrics.csv") as fh:
+        row = next(csv.DictReader(fh))
+    g = torch.Generator().manual_seed(3)
+    draws = torch.stack([3 * torch.softmax(torch.randn(3, generator=g, dtype=torch.float64), 0) for _ in range(4)])
+    for t in range(3):
+        assert float(row[f"method/w{t}"]) == pytest.approx(float(draws[:, t].mean()), rel=1e-6)
+
+
+def test_gradient_method_logs_conflicts_and_cosines() -> None:
+    """PCGrad on two hand-made conflicting gradients: one conflicting pair; cosines against the applied direction
+    computed by hand (PCGrad projects each gradient off the other: d = g1' + g2')."""
+    from mola.methods import StepContext, get_weighting
+
+    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    g1, g2 = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    losses = {0: (w * g1).sum(), 1: (w * g2).sum()}  # gradients g1, g2
+    ctx = StepContext(model=torch.nn.Identity(), shared_params=[w], task_params=[], task_ids=torch.tensor([0, 1]),
+                      num_tasks=2)
+    logs = get_weighting("pcgrad", 2, seed=0).backward(losses, ctx)
+    d = (g1 - (g1 @ g2) / (g2 @ g2) * g2) + (g2 - (g2 @ g1) / (g1 @ g1) * g1)
+    torch.testing.assert_close(w.grad, d)
+    assert float(logs["conflicts"]) == 1.0
+    for t, g in enumerate((g1, g2)):
+        assert float(logs[f"cos{t}"]) == pytest.approx(float(g @ d / (g.norm() * d.norm())), abs=1e-12)

@@ -57,6 +57,7 @@ def test_eval_after_the_data_moved_names_the_source_and_takes_an_override(
     out = tmp_path / "metrics.json"
     assert main(["eval", "--checkpoint", str(moved / "run"), "--split", "test", "--output", str(out),
                  f"data.root={old_root}"]) == 0
+    assert "batch/s" not in capsys.readouterr().err  # no progress bar when stderr is not a terminal
     got = json.loads(out.read_text())["test"]
     final = json.loads((run / "final.json").read_text())["test"]  # the Trainer's own evaluation of best
     for task, metrics in final.items():
