@@ -19,6 +19,7 @@ from typing import Any
 from mola.data import build_scenario
 from mola.engine.checkpoint import has_checkpoint
 from mola.engine.config import RunConfig
+from mola.files import write_csv, write_text
 from mola.metrics import mean_over_tasks
 
 SEPARATE, JOINT = "single_task", "single_task_joint"
@@ -90,9 +91,7 @@ def combine_finals(cfg: RunConfig, finals: dict[str, dict[str, Any]], summary: d
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    tmp.replace(path)
+    write_text(json.dumps(data, indent=2, default=float), path)
 
 
 def _write_metrics(run_dir: Path, tasks: list[str]) -> None:
@@ -103,15 +102,7 @@ def _write_metrics(run_dir: Path, tasks: list[str]) -> None:
         if path.is_file():
             with open(path, newline="") as fh:
                 rows += [{"task": t, **r} for r in csv.DictReader(fh)]
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    tmp = run_dir / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(run_dir / "metrics.csv")
+    write_csv(rows, run_dir / "metrics.csv")
 
 
 def _finished(sdir: Path, sub: RunConfig) -> dict[str, Any] | None:
