@@ -45,8 +45,8 @@ class StepContext:
     """What a method may read during one training step.
 
     ``shared_params``: parameters every task updates (backbone W0, MoLA router and lift, gates...), whose per-task
-    gradients gradient methods combine; ``task_params``: parameters that belong to one task (heads, MoLA adapters,
-    towers) plus method modules.
+    gradients gradient methods combine; ``task_params``: parameters that belong to one task (heads, MoLA-Grad
+    adapters, towers; router-mode adapters are shared) plus method modules.
     ``features``: the shared representation the heads read (for "-UB" methods), part of the graph.
     ``outputs`` / ``targets``: per-task predictions and targets of the present tasks, rows aligned.
     ``extra_loss``: a term added to the objective that is not a task loss (lambda * TwD in router mode).
