@@ -132,9 +132,11 @@ def fit_single_task(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -
     ``final.json`` is resumed with ``resume`` and is an error without it, as for any run.
     """
     from mola.engine.config import dump_config
+    from mola.engine.run import absolute_root
     from mola.engine.trainer import Trainer
 
     run_dir = Path(run_dir)
+    cfg.data.root = absolute_root(cfg.data.root)  # stored absolute, as the Trainer does (and its sub-runs)
     scenario = build_scenario(cfg.data)
     names = [t.name for t in scenario.tasks]
     run_dir.mkdir(parents=True, exist_ok=True)
