@@ -316,17 +316,17 @@ def test_analyze_router_grad_and_plain_runs(tiny_runs: dict[str, tuple[Path, Sce
     with open(run / "analysis" / "spectra.csv") as fh:
         plain = list(csv.DictReader(fh))
     assert plain and all(not r["layer"].startswith("heads") for r in plain) and {"w_pc", "w_rank"} <= set(plain[0])
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(FileNotFoundError, match="missing does not exist"):
         analyze_run(run.parent / "missing")
 
 
 def test_analyze_cli(tiny_runs: dict[str, tuple[Path, Scenario]], monkeypatch: pytest.MonkeyPatch,
                      capsys: pytest.CaptureFixture[str]) -> None:
-    import mola.engine.trainer as trainer_mod
+    import mola.engine.run as run_mod
     from mola.cli.main import main
 
     run, scen = tiny_runs["router"]
-    monkeypatch.setattr(trainer_mod, "build_scenario", lambda cfg: scen)  # the run's data is synthetic
+    monkeypatch.setattr(run_mod, "_scenario", lambda cfg, where, overrides: scen)  # the run's data is synthetic
     out = run.parent / "cli_analysis"
     assert main(["analyze", str(run), "--split", "test", "--eps", "0.9", "--out", str(out)]) == 0
     text = capsys.readouterr().out

@@ -16,6 +16,7 @@ from mola.data.base import ArrayTaskDataset, Heterogeneity, Scenario, TaskInfo
 from mola.inject import MoLAConfig
 from mola.models import ARCHS, BackboneConfig, ModelConfig, build_backbone, build_model, num_parameters, task_rows
 from mola.models.archs.cross_stitch import backbone_stages, run_stages, stage_shapes
+from mola.models.base import MultiTaskModel
 
 MEDMNIST = Path("/work/shared/data/medmnist")
 
@@ -423,6 +424,18 @@ def test_parameter_groups_partition_the_model(case: str) -> None:
     assert bool(shared) == (case != "single_task")  # every multi-task arch shares something
 
 
+def test_router_mode_adapters_are_shared_grad_mode_adapters_task_specific() -> None:
+    """Router mode mixes every adapter into every sample, so gradient methods must combine their gradients."""
+    for case, adapters_shared in (("mola_router", True), ("mola_grad", False)):
+        model = build_model(scenario("multi_input"), model_cfg(case))
+        adapters = {id(p) for p in model.encoder.adapter_parameters().values()}
+        shared = {id(p) for p in model.shared_parameters()}
+        task = {id(p) for p in model.task_parameters()}
+        assert adapters and (adapters <= shared) == adapters_shared and (adapters <= task) != adapters_shared
+        if adapters_shared:  # router and lift are shared as well; only the heads are per task
+            assert task == {id(p) for p in model.heads.parameters()}
+
+
 def test_task_specific_groups_of_new_archs() -> None:
     expect = {"cross_stitch": {"heads"}, "mmoe": {"heads", "gates"}, "cgc": {"heads", "gates", "task_experts"},
               "dselect_k": {"heads", "gates"}, "ltb": {"heads"}, "mtan": {"heads", "attention"}}
@@ -433,7 +446,61 @@ def test_task_specific_groups_of_new_archs() -> None:
     assert set(NEW_ARCHS) <= set(ARCHS.names())
 
 
-# --- a short training run on real images -----------------------------------------------------------------
+# --- short training runs ----------------------------------------------------------------------------------
+
+
+def _conditioned_batch(n: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Two tasks on the same kind of image with opposite labels: label = [mean > 0] for task 0, [mean < 0] for
+    task 1 (a shift of +-0.5 makes it learnable in a few steps). Only a model that uses the task id can fit both."""
+    sign = torch.randint(0, 2, (n,), generator=g)
+    ids = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 1, 12, 12, generator=g) + (sign.float() - 0.5).view(-1, 1, 1, 1)
+    return x, torch.where(ids == 0, sign, 1 - sign), ids
+
+
+# cheaper expert counts for the short runs; LTB anneals fast enough for its argmax eval to match training
+TRAIN_OPTIONS: dict[str, dict[str, Any]] = {
+    "mmoe": {"num_experts": 2}, "cgc": {"num_shared": 1, "num_specific": 1},
+    "dselect_k": {"num_experts": 2, "k": 2}, "ltb": {"anneal_rate": 0.05, "branches": [1, 1, 2, 2, 2]},
+}
+
+
+def _train(model: MultiTaskModel, batches: Any, steps: int, lr: float) -> None:
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.2)
+    model.train()
+    for _ in range(steps):
+        x, y, ids = batches()
+        out = model(x, ids)
+        loss = sum(F.cross_entropy(out[t], y[r]) for t, r in task_rows(ids, model.num_tasks).items())
+        extra = model.extra_loss()
+        if extra is not None:
+            loss = loss + extra
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+
+
+def _accuracies(model: MultiTaskModel, x: Tensor, y: Tensor, ids: Tensor) -> list[float]:
+    with torch.no_grad():
+        out = model(x, ids)
+    return [(out[t].argmax(1) == y[r]).float().mean().item() for t, r in task_rows(ids, model.num_tasks).items()]
+
+
+@pytest.mark.parametrize("case", list(ARCH_CASES))
+def test_short_training_learns_a_task_conditioned_problem(case: str) -> None:
+    """Every arch fits two tasks whose labels contradict each other unless the task id is used (chance: 0.5)."""
+    torch.manual_seed(0)
+    tasks = [TaskInfo("a", num_classes=2), TaskInfo("b", num_classes=2)]
+    ds = ArrayTaskDataset(torch.zeros(2, 1, 12, 12), torch.zeros(2), [0, 1])
+    sc = Scenario("conditioned", "multi_input", tasks, ds, ds, ds, (1, 12, 12))
+    model = build_model(sc, model_cfg(case, small_cnn(4), **TRAIN_OPTIONS.get(case, {})))
+    g = torch.Generator().manual_seed(0)
+    _train(model, lambda: _conditioned_batch(32, g), steps=40, lr=1e-2)
+    accs = _accuracies(model, *_conditioned_batch(256, torch.Generator().manual_seed(1)))
+    assert min(accs) > 0.8, f"{case}: accuracies {accs}"
 
 
 def _load(name: str, split: str, n: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -444,63 +511,33 @@ def _load(name: str, split: str, n: int | None) -> tuple[np.ndarray, np.ndarray]
     return x[:, None], data[f"{split}_labels"][:n].reshape(-1).astype(np.int64)
 
 
-@pytest.fixture(scope="module")
-def medmnist_pair() -> dict[str, Any]:
+def test_short_training_on_real_images_beats_chance() -> None:
+    """MoLA-Grad on two real MedMNIST tasks (300 training images each) beats the majority rate on their test sets."""
     names = ["breastmnist", "retinamnist"]
     if not all((MEDMNIST / f"{n}.npz").is_file() for n in names):
         pytest.skip(f"MedMNIST files not found under {MEDMNIST}")
-    train = [_load(n, "train", 300) for n in names]
+    parts = [_load(n, "train", 300) for n in names]
     test = [_load(n, "test", None) for n in names]
-    x = np.concatenate([a for a, _ in train])
-    mean, std = float(x.mean()), float(x.std())
+    mean, std = float(np.concatenate([a for a, _ in parts]).mean()), float(np.concatenate([a for a, _ in parts]).std())
 
-    def pack(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Tensor, Tensor, Tensor]:
-        xs = torch.from_numpy((np.concatenate([a for a, _ in parts]) - mean) / std)
-        ys = torch.from_numpy(np.concatenate([b for _, b in parts]))
-        ids = torch.cat([torch.full((len(b),), t) for t, (_, b) in enumerate(parts)])
-        return xs, ys, ids
+    def pack(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Tensor, Tensor, Tensor]:
+        xs = torch.from_numpy((np.concatenate([a for a, _ in pairs]) - mean) / std)
+        ys = torch.from_numpy(np.concatenate([b for _, b in pairs]))
+        return xs, ys, torch.cat([torch.full((len(b),), t) for t, (_, b) in enumerate(pairs)])
 
-    tasks = [TaskInfo("breast", num_classes=2), TaskInfo("retina", num_classes=5)]
-    xs, ys, ids = pack(train)
+    xs, ys, ids = pack(parts)
     ds = ArrayTaskDataset(xs, ys, ids)
+    tasks = [TaskInfo("breast", num_classes=2), TaskInfo("retina", num_classes=5)]
     sc = Scenario("medmnist_pair", "multi_input", tasks, ds, ds, ds, (1, 28, 28))
-    chance = float(np.mean([np.bincount(b).max() / len(b) for _, b in test]))
-    return {"scenario": sc, "train": (xs, ys, ids), "test": pack(test), "chance": chance}
-
-
-# cheaper expert counts for the short run; LTB anneals fast enough for its argmax eval to match training
-TRAIN_OPTIONS: dict[str, dict[str, Any]] = {
-    "mmoe": {"num_experts": 2}, "cgc": {"num_shared": 1, "num_specific": 1},
-    "dselect_k": {"num_experts": 2, "k": 2}, "ltb": {"anneal_rate": 0.05, "branches": [1, 1, 2, 2, 2]},
-}
-
-
-@pytest.mark.parametrize("case", list(ARCH_CASES))
-def test_short_training_beats_chance(case: str, medmnist_pair: dict[str, Any]) -> None:
     torch.manual_seed(0)
-    sc = medmnist_pair["scenario"]
-    model = build_model(sc, model_cfg(case, small_cnn(8), **TRAIN_OPTIONS.get(case, {})))
-    steps = 80
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 5e-3, total_steps=steps, pct_start=0.2)
-    xs, ys, ids = medmnist_pair["train"]
+    model = build_model(sc, model_cfg("mola_grad", small_cnn(8)))
     g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
+
+    def batches() -> tuple[Tensor, Tensor, Tensor]:
         idx = torch.randint(0, len(xs), (64,), generator=g)
-        out = model(xs[idx], ids[idx])
-        rows = task_rows(ids[idx], sc.num_tasks)
-        loss = sum(F.cross_entropy(out[t], ys[idx][r]) for t, r in rows.items())
-        extra = model.extra_loss()
-        if extra is not None:
-            loss = loss + extra
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval()
-    tx, ty, tid = medmnist_pair["test"]
-    with torch.no_grad():
-        out = model(tx, tid)
-    accs = [(out[t].argmax(1) == ty[r]).float().mean().item() for t, r in task_rows(tid, sc.num_tasks).items()]
-    assert np.mean(accs) > medmnist_pair["chance"], f"{case}: accuracies {accs}, chance {medmnist_pair['chance']}"
+        return xs[idx], ys[idx], ids[idx]
+
+    _train(model, batches, steps=80, lr=5e-3)
+    chance = float(np.mean([np.bincount(b).max() / len(b) for _, b in test]))
+    accs = _accuracies(model, *pack(test))
+    assert np.mean(accs) > chance, f"accuracies {accs}, chance {chance}"

@@ -21,7 +21,7 @@ from mola.data.base import ALL_TASKS
 from mola.data.validate import validate_scenario
 from mola.engine import NonFiniteLossError, RunConfig, Trainer, load_config
 from mola.engine.checkpoint import checkpoint_path, load_checkpoint, load_latest, save_checkpoint
-from mola.engine.trainer import validate_names
+from mola.engine.setup import validate_names
 from mola.models import build_model
 
 FEATURES = 6

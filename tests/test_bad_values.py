@@ -184,11 +184,11 @@ def train_interrupted(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkey
     calls = []
     real = Trainer.train_epoch
 
-    def epoch_then_ctrl_c(self: Trainer, progress: Any = None) -> dict[int, float]:
+    def epoch_then_ctrl_c(self: Trainer, progress: Any = None, writer: Any = None) -> dict[int, float]:
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(self, progress)
+        return real(self, progress, writer)
 
     monkeypatch.setattr(Trainer, "train_epoch", epoch_then_ctrl_c)
     cli(capsys, "train", "--config", str(train_config(tmp_path)), "--out", str(tmp_path / "run"), code=130)
@@ -199,10 +199,12 @@ def eval_interrupted(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeyp
                  "train.epochs=1"]) == 0
     capsys.readouterr()
 
-    def ctrl_c(*args: Any) -> None:
+    def ctrl_c(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "evaluate", ctrl_c)
+    import mola.engine
+
+    monkeypatch.setattr(mola.engine, "evaluate", ctrl_c)  # what `mola eval` calls per split
     cli(capsys, "eval", "--checkpoint", str(tmp_path / "run"), code=130)
 
 

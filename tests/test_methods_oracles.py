@@ -116,6 +116,7 @@ def test_nash_mtl_vs_torchjd(T: int, D: int, seed: int) -> None:
     # torchjd's CCP/ECOS loop silently falls back to all-ones weights when ECOS fails; compare only when its
     # answer is itself a Nash solution (weights recovered from G^T alpha = d by least squares)
     alpha_t = torch.linalg.lstsq(G.T, theirs.unsqueeze(1)).solution.squeeze(1)
-    if not torch.allclose((G @ theirs) * alpha_t, torch.ones(T, dtype=torch.float64), atol=1e-3):
-        pytest.skip("torchjd's Nash-MTL solve did not converge on this matrix")
-    assert (ours - theirs).norm() <= 1e-5 * ours.norm()
+    if torch.allclose((G @ theirs) * alpha_t, torch.ones(T, dtype=torch.float64), atol=1e-3):
+        assert (ours - theirs).norm() <= 1e-5 * ours.norm()
+    else:  # (T=3, D=10, seed 0 with ECOS 2.0.14): torchjd returned its fallback, the plain sum; ours solved it
+        torch.testing.assert_close(theirs, G.sum(0), atol=1e-12, rtol=0)

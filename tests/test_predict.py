@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fixtures_runs import train_tiny_run, write_test_pngs
+from fixtures_runs import make_data, train_tiny_run, write_test_pngs
 from mola.analysis.routing import task_inference_accuracy as analysis_accuracy
 from mola.cli.main import main
 from mola.cli.predict import COLUMNS
-from mola.task_inference import TaskCentroids, fit_centroids, fit_sigma2, load_run, posterior_nll
+from mola.engine.run import load_run
+from mola.task_inference import TaskCentroids, fit_centroids, fit_sigma2, posterior_nll
 
 
 # -- centroids and confidence on synthetic codes ------------------------------------------------------------
@@ -114,7 +115,7 @@ def test_predict_router_infers_task(router_run: Path, images: tuple[Path, dict[s
     rows = read_rows(out)
     assert [r["path"] for r in rows] == sorted(f"{n}_{i}.png" for n in written for i in range(3))
     # hand reference: MedMNIST preprocessing, router code, nearest stored centroid, the task's head
-    _, _, model = load_run(router_run)
+    model = load_run(router_run).model
     cents = json.loads((router_run / "task_centroids.json").read_text())
     c, s2 = np.array(cents["centroids"]), cents["sigma2"]
     imgs = np.concatenate([written[n] for n in sorted(written)])
@@ -190,3 +191,28 @@ def test_grad_run_needs_task(tmp_path: Path, images: tuple[Path, dict[str, np.nd
     assert main(["predict", "--checkpoint", str(run), "--images", str(folder), "--out", str(out), "--task", "1"]) == 0
     rows = read_rows(out)
     assert {r["task"] for r in rows} == {"dark"} and {r["inferred_task"] for r in rows} == {""}
+
+
+@pytest.mark.parametrize(("kind", "channels", "augment"), [("folder", 3, ""), ("folder", 1, ""),
+                                                             ("radimagenet", 3, ""), ("folder", 3, "paper")])
+def test_layout_preprocessing_matches_the_training_pipeline(tmp_path: Path, kind: str, channels: int,
+                                                            augment: str) -> None:
+    """An image layout's declared single-image preprocessing (used by predict) gives the tensor training read
+    (``data.augment: paper``: resize and centre crop, as vlcs/office_home evaluate)."""
+    from fixtures_data import make_image_tree
+    from mola.data import DataConfig, build_scenario
+
+    groups = {"d0": {"a": 4, "b": 4}, "d1": {"a": 4, "b": 4}}
+    make_image_tree(tmp_path / "data", groups)
+    sc = build_scenario(DataConfig(kind=kind, root=str(tmp_path / "data"), image_size=12, channels=channels,
+                                   augment=augment or False))
+    assert sc.preprocessing is not None and sc.preprocessing.channels == channels
+    for i in range(len(sc.val)):
+        torch.testing.assert_close(sc.preprocessing.load(Path(sc.val.paths[i])), sc.val[i][0], atol=1e-6, rtol=0)
+
+
+def test_array_layouts_declare_their_preprocessing(tmp_path: Path) -> None:
+    from mola.data import DataConfig, build_scenario
+
+    sc = build_scenario(DataConfig(kind="medmnist", root=str(make_data(tmp_path / "data")), channels=1))
+    assert sc.preprocessing is not None and sc.preprocessing.mean == (0.5,) and sc.preprocessing.size == (28, 28)

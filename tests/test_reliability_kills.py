@@ -40,7 +40,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     config.write_text(
         f"name: k\ndata: {{kind: medmnist, root: {root / 'med'}, batch_size: 8}}\n"
         "model: {backbone: {name: mlp, width: 1}, mola: {mode: router}}\n"
-        "train: {epochs: 3, progress: false, tensorboard: false, device: cpu, weighting: rlw}\noptim: {lr: 0.05}\n")
+        "train: {epochs: 3, progress: false, tensorboard: false, device: cpu, weighting: rlw}\noptim: {lr: 0.02}\n")
     assert main(["train", "--config", str(config), "--out", str(root / "ref")]) == 0
     return config, root / "ref"
 

@@ -39,6 +39,19 @@ def router_param_count(cin: int, e: int, widths=(16, 32, 64), blocks: int = 3) -
 
 
 # -- the router -----------------------------------------------------------------------------------
+def test_router_follows_a_float64_model() -> None:
+    """Injecting into a float64 model gives a float64 router and lift, equal to a float32 injection cast later."""
+    cfg = MoLAConfig(mode="router", num_experts=3, router_input_size=16)
+    mm64 = mola.inject(resnet().double(), cfg)
+    mm32 = mola.inject(resnet(), cfg).double()  # same seed: same initial weights, cast after injection
+    assert {p.dtype for p in mm64.parameters()} == {torch.float64}
+    x = torch.randn(2, 3, 32, 32, dtype=DT)
+    ids = torch.tensor([0, 2])
+    got, ref = mm64.eval()(x, task_ids=ids), mm32.eval()(x, task_ids=ids)
+    assert got.dtype == DT and mm64.routing.z is not None and mm64.routing.z.dtype == DT
+    torch.testing.assert_close(got, ref, **TOL)
+
+
 def test_router_parameter_count_e9():
     n = sum(p.numel() for p in Router(3, 9).parameters())
     assert n == router_param_count(3, 9) == 272409

@@ -256,8 +256,12 @@ def test_sweep_records_a_failed_run_and_goes_on(tmp_path: Path, capsys: pytest.C
     except ImportError as err:
         pytest.skip(f"the engine is not importable yet ({err})")
     p = _sweep_file(tmp_path, f"base: base.yaml\nout_dir: {tmp_path / 'out'}\ngrid: {{weighting: [nope, nada]}}\n")
-    assert main(["sweep", "--config", str(p), "--no-progress"]) == 1  # unknown names fail before any data is read
+    assert main(["sweep", "--config", str(p), "--dry-run"]) == 0  # unknown names: invalid when planned
+    assert "invalid: nope: unknown weighting 'nope'" in capsys.readouterr().err
+    (tmp_path / "base.yaml").write_text(f"name: base\ntrain: {{epochs: 1}}\ndata: {{root: {tmp_path / 'nodata'}}}\n")
+    p.write_text(f"base: base.yaml\nout_dir: {tmp_path / 'out'}\ngrid: {{seed: [0, 1]}}\n")
+    assert main(["sweep", "--config", str(p), "--no-progress"]) == 1  # the data folder is missing: both fail
     with open(tmp_path / "out" / "sweep_summary.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["status"] for r in rows] == ["failed", "failed"] and "nope" in rows[0]["error"]
-    assert "failed: nope" in capsys.readouterr().err
+    assert [r["status"] for r in rows] == ["failed", "failed"] and "nodata" in rows[0]["error"]
+    assert "failed: s0" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Typed-dataclass config helpers: from dict/YAML with unknown-key errors, dotted overrides, to dict."""
+"""Typed-dataclass config helpers: build a dataclass from a plain dict, with unknown-key and type errors."""
 
 from __future__ import annotations
 
@@ -122,8 +122,3 @@ def from_dict(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
             raise _unknown_key(cls, key, prefix)
         kwargs[key] = _convert(hints[key], value, prefix + key)
     return cls(**kwargs)
-
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    """Plain-python (YAML/JSON-ready) dict of a dataclass instance."""
-    return dataclasses.asdict(obj)

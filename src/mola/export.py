@@ -22,7 +22,6 @@ import copy
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mola.inject import MoLAModel, _set_submodule
+from mola.files import atomic_write
+from mola.inject import MoLAModel, _set_submodule, find_mola_model
 from mola.layers import MoLAConv2d, MoLALayer
 from mola.models.base import MultiTaskModel
 
@@ -56,13 +56,11 @@ class TaskModel(nn.Module):
 # -- finding the parts ---------------------------------------------------------------------------------------
 def find_mola(model: nn.Module) -> MoLAModel:
     """The MoLAModel of ``model`` (itself or e.g. ``MoLANet.encoder``); ValueError for any other model."""
-    if isinstance(model, MoLAModel):
-        return model
-    found = [m for m in model.modules() if isinstance(m, MoLAModel)]
-    if len(found) != 1:
-        what = "no" if not found else f"{len(found)}"
+    found = find_mola_model(model)
+    if found is None or (found is not model and sum(isinstance(m, MoLAModel) for m in model.modules()) != 1):
+        what = "no" if found is None else "more than one"
         raise ValueError(f"export needs a model with exactly one MoLA model inside; {type(model).__name__} has {what}")
-    return found[0]
+    return found
 
 
 def task_names(model: nn.Module) -> list[str]:
@@ -160,19 +158,6 @@ def reference_forward(model: nn.Module, x: Tensor, task: int | str, weights: Ten
     return head(feats, (x.shape[-2], x.shape[-1]) if x.dim() == 4 else None)
 
 
-def _atomic(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename the temp file over ``path`` (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_merged(module: nn.Module, example: Tensor, path: str | os.PathLike[str], fmt: str = "pt2") -> Path:
     """Save a plain module: ``pt2`` (torch.export, dynamic batch), ``torchscript`` (trace) or ``safetensors``.
 
@@ -190,7 +175,7 @@ def save_merged(module: nn.Module, example: Tensor, path: str | os.PathLike[str]
         if fmt == "pt2":
             batch = torch.export.Dim("batch")
             program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
-            _atomic(path, lambda tmp: torch.export.save(program, tmp))
+            atomic_write(path, lambda tmp: torch.export.save(program, tmp))
         else:
             import warnings
 
@@ -198,7 +183,7 @@ def save_merged(module: nn.Module, example: Tensor, path: str | os.PathLike[str]
                 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecated in recent torch, kept working
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
                 traced = torch.jit.trace(module, (example,))
-                _atomic(path, lambda tmp: torch.jit.save(traced, tmp))
+                atomic_write(path, lambda tmp: torch.jit.save(traced, tmp))
     return path
 
 
@@ -305,8 +290,8 @@ def export_peft(model: nn.Module, task: int | str, out_dir: str | os.PathLike[st
     config, state = peft_adapter(model, task, weights)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / PEFT_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic(out / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    atomic_write(out / PEFT_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    atomic_write(out / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return out
 
 
@@ -316,7 +301,7 @@ def save_state(module: nn.Module, path: str | os.PathLike[str], metadata: dict[s
 
     state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
     path = Path(path)
-    _atomic(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     return path
 
 

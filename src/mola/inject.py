@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from mola.config_utils import from_dict
+from mola.files import atomic_write
 from mola.layers import Lift, MLPRouter, MoLAConv2d, MoLALayer, MoLALinear, Router, Routing, twd_loss
+from mola.layers.routing import check_task_ids
 
 PRESETS = ("last_stage", "all_stages")
 _M = TypeVar("_M", bound=nn.Module)
@@ -143,18 +144,25 @@ def pattern_matches(pattern: str, name: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def _stages(model: nn.Module) -> tuple[list[str], str]:
-    """Stage prefixes of a known backbone and what to wrap in them ('conv', 'mlp' or 'any')."""
+STAGE_CONTAINERS = {"encoder.layers": "mlp", "blocks": "mlp", "transformer.resblocks": "mlp", "layers": "mlp",
+                    "stages": "conv"}
+"""Module lists that hold a backbone's stages (torchvision/timm ViTs, CLIP, Swin; timm ConvNets) and what the
+``last_stage``-style presets wrap in them."""
+
+
+def find_stages(model: nn.Module) -> tuple[list[str], str]:
+    """Stage prefixes of a known backbone and what to wrap in them ('conv', 'mlp' or 'any'): the one stage
+    detection of the package (inject presets, timm backbones). ValueError for an unknown layout."""
     custom = getattr(model, "mola_stages", None)
     if custom is not None:
         return list(custom), getattr(model, "mola_stage_modules", "any")
     names = dict(model.named_modules())
     if all(f"layer{i}" in names for i in (1, 2, 3)):
         return [f"layer{i}" for i in range(1, 5) if f"layer{i}" in names], "conv"
-    for container in ("encoder.layers", "blocks", "transformer.resblocks", "layers"):
+    for container, kind in STAGE_CONTAINERS.items():
         mod = names.get(container)
         if isinstance(mod, (nn.Sequential, nn.ModuleList)) and len(mod) > 0:
-            return [f"{container}.{n}" for n, _ in mod.named_children()], "mlp"
+            return [f"{container}.{n}" for n, _ in mod.named_children()], kind
     raise ValueError(
         f"target_modules presets {PRESETS} know torchvision/timm ResNets and ViTs and models with a "
         f"`mola_stages` attribute; {type(model).__name__} is none of these: pass a list of module names"
@@ -190,7 +198,7 @@ def resolve_targets(model: nn.Module, target_modules: str | list[str]) -> list[s
     """Qualified names of the modules ``target_modules`` selects, in model order; errors name the problem."""
     wrappable = _wrappable(model)
     if isinstance(target_modules, str):
-        prefixes, kind = _stages(model)
+        prefixes, kind = find_stages(model)
         chosen = _select_stages(prefixes, target_modules, kind)
         out = []
         for n, m in wrappable.items():
@@ -268,28 +276,20 @@ class MoLAModel(nn.Module):
 
     # -- routing --------------------------------------------------------------------------------------
     def _check_task_ids(self, task_ids: Any, batch: int, bounded: bool) -> Tensor:
-        if not isinstance(task_ids, Tensor):
-            raise ValueError(f"task_ids must be a torch.Tensor of shape ({batch},), got {type(task_ids).__name__}")
-        if task_ids.dtype.is_floating_point or task_ids.dtype == torch.bool or task_ids.is_complex():
-            raise ValueError(f"task_ids must be an integer tensor, got dtype {task_ids.dtype}")
-        if task_ids.shape != (batch,):
-            raise ValueError(f"task_ids must have shape ({batch},) to match the batch, got {tuple(task_ids.shape)}")
-        if batch and not torch.compiler.is_compiling():
-            lo, hi = int(task_ids.min()), int(task_ids.max())
-            top = self.num_experts if bounded else None
-            if lo < 0 or (top is not None and hi >= top):
-                bad = lo if lo < 0 else hi
-                rng = f"[0, {top})" if top is not None else ">= 0"
-                raise ValueError(f"task id {bad} out of range {rng} (num_experts={self.num_experts})")
-        return task_ids.long()
+        top = self.num_experts if bounded else None
+        return check_task_ids(task_ids, batch, 0, top, f" (num_experts={self.num_experts})").long()
 
-    def set_routing(self, x: Any, task_ids: Tensor | None = None, weights: Tensor | None = None) -> None:
-        """Fill the shared routing state for input ``x`` (what ``forward`` does before calling the model)."""
+    def set_routing(self, x: Any, task_ids: Tensor | None = None, weights: Tensor | None = None,
+                    groups: tuple[Tensor, list[int]] | None = None, checked: bool = False) -> None:
+        """Fill the shared routing state for input ``x`` (what ``forward`` does before calling the model).
+
+        ``checked``: the caller (``MoLANet``) already validated ``task_ids``; ``groups``: ``task_groups(task_ids,
+        E)`` it already computed. Each saves work per forward (and a host sync on CPU)."""
         if not isinstance(x, Tensor):
             raise ValueError("MoLAModel expects the first input to be a batch tensor")
         batch = x.shape[0]
         grad = self.config.mode == "grad"
-        if task_ids is not None:
+        if task_ids is not None and not checked:
             task_ids = self._check_task_ids(task_ids, batch, bounded=grad).to(x.device)
         if weights is not None:
             if not isinstance(weights, Tensor) or weights.shape != (batch, self.num_experts):
@@ -302,7 +302,7 @@ class MoLAModel(nn.Module):
         if grad:
             if task_ids is None:
                 raise ValueError("MoLA-Grad needs task_ids: call model(x, task_ids=...) with a (B,) int tensor")
-            self.routing.set_task_ids(task_ids)
+            self.routing.set_task_ids(task_ids, groups)
             return
         assert self.router is not None and self.lift is not None
         logits = self.router(x)
@@ -314,8 +314,8 @@ class MoLAModel(nn.Module):
         self.routing.z = self.lift(logits if self.config.lift_input == "logits" else w)
 
     def forward(self, x: Any, *args: Any, task_ids: Tensor | None = None, weights: Tensor | None = None,
-                **kwargs: Any) -> Any:
-        self.set_routing(x, task_ids, weights)
+                groups: tuple[Tensor, list[int]] | None = None, checked: bool = False, **kwargs: Any) -> Any:
+        self.set_routing(x, task_ids, weights, groups, checked)
         return self.model(x, *args, **kwargs)
 
     def twd_loss(self, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
@@ -366,24 +366,13 @@ class MoLAModel(nn.Module):
         """Write adapters, router and lift tensors + the config (metadata) to one .safetensors file, atomically."""
         from safetensors.torch import save_file
 
-        from mola import __version__
+        from mola._version import __version__
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.cpu().contiguous().clone() for k, v in self._adapter_state().items()}
         config = json.dumps(self._meta_config())
         meta = {"format": "mola-adapters", "mola_version": __version__, "config": config,
                 "sha256": _adapter_digest(config, tensors)}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load_adapters(self, path: str | os.PathLike[str]) -> None:
         """Load a file written by ``save_adapters``; another config, missing or extra tensors are ValueErrors."""
@@ -492,6 +481,13 @@ def build_router(model: nn.Module, config: MoLAConfig) -> nn.Module:
     return MLPRouter(fin, config.num_experts)
 
 
+def find_mola_model(model: nn.Module) -> MoLAModel | None:
+    """The MoLAModel inside ``model`` (itself, e.g. ``MoLANet.encoder``, or under a DDP ``module``), or None."""
+    if isinstance(model, MoLAModel):
+        return model
+    return next((m for m in model.modules() if isinstance(m, MoLAModel)), None)
+
+
 def inject(model: nn.Module, config: MoLAConfig, *, max_adapter_gb: float | None = MAX_ADAPTER_GB) -> MoLAModel:
     """Replace the targeted Conv2d/Linear modules of ``model`` in place with MoLA layers; return the MoLAModel.
 
@@ -531,12 +527,13 @@ def inject(model: nn.Module, config: MoLAConfig, *, max_adapter_gb: float | None
     if config.mode == "router":
         router = build_router(model, config)
         lift = Lift(config.num_experts, config.lift_dim, config.lift_hidden)
-        p = next(model.parameters(), None)
-        if p is not None:
-            router.to(p.device)
-            lift.to(p.device)
+        p = next((q for q in model.parameters() if q.is_floating_point()), None)
+        if p is not None:  # router and lift follow the model's device and dtype (a float64 model stays float64)
+            router.to(device=p.device, dtype=p.dtype)
+            lift.to(device=p.device, dtype=p.dtype)
     return MoLAModel(model, config, layers, router, lift)
 
 
-__all__ = ["MoLAConfig", "MoLAModel", "RankTooLargeError", "build_router", "inject", "pattern_matches",
+__all__ = ["MoLAConfig", "MoLAModel", "RankTooLargeError", "build_router", "find_mola_model", "find_stages", "inject",
+           "pattern_matches",
            "resolve_targets"]

@@ -18,17 +18,29 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from mola.analysis.routing import collect_codes, mean_weights_per_task, normalize_codes, predict_task, task_centroids
+from mola.analysis.routing import (
+    collect_codes,
+    mean_weights_per_task,
+    normalize_codes,
+    predict_task,
+    sample_loader,
+    task_centroids,
+)
+from mola.engine.run import load_run, run_dir_of
+from mola.files import write_text
+from mola.inject import find_mola_model
+
+if TYPE_CHECKING:
+    from mola.engine import Trainer
 
 CENTROIDS_FILE = "task_centroids.json"
 FORMAT = "mola-task-centroids"
@@ -108,19 +120,7 @@ class TaskCentroids:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the JSON file atomically (temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.to_dict(), fh, indent=2)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return write_text(json.dumps(self.to_dict(), indent=2), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TaskCentroids:
@@ -199,21 +199,8 @@ def load_run_centroids(run_dir: str | os.PathLike[str]) -> TaskCentroids:
     return TaskCentroids.load(path)
 
 
-def train_loader(dataset: Any, batch_size: int, seed: int, max_samples: int = MAX_SAMPLES) -> Any:
-    """Ordered (unshuffled) loader over ``dataset``, or over a seeded random subset of ``max_samples`` of it."""
-    from torch.utils.data import DataLoader, Subset
-
-    n = len(dataset)
-    if n > max_samples:
-        g = torch.Generator().manual_seed(seed)
-        dataset = Subset(dataset, torch.randperm(n, generator=g)[:max_samples].sort().values.tolist())
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
-
-
 def is_router_multitask(model: nn.Module) -> bool:
     """True for a MoLA-Router model whose samples carry one task each (centroids make sense)."""
-    from mola.analysis.spectra import find_mola_model
-
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     enc = find_mola_model(model)
     single = getattr(model, "single_input", False)
@@ -232,44 +219,26 @@ def write_run_centroids(model: nn.Module, dataset: Any, tasks: list[str], run_di
         return None
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None
-    val = train_loader(val_dataset, batch_size, seed) if val_dataset is not None and len(val_dataset) else None
-    cents = compute_centroids(model, train_loader(dataset, batch_size, seed), tasks, device,
+    val = (sample_loader(val_dataset, batch_size, seed, MAX_SAMPLES) if val_dataset is not None and len(val_dataset)
+           else None)
+    cents = compute_centroids(model, sample_loader(dataset, batch_size, seed, MAX_SAMPLES), tasks, device,
                               {"split": "train", **(meta or {})}, val)
     return cents.save(centroids_path(run_dir))
 
 
-def run_dir_of(run_or_file: str | os.PathLike[str]) -> Path:
-    """The run directory of a run directory or of a checkpoint file inside one (the folder with config.yaml)."""
-    path = Path(run_or_file)
-    if path.is_dir():
-        return path
-    for parent in path.parents:
-        if (parent / "config.yaml").is_file():
-            return parent
-    return path.parent.parent
+def write_trained_centroids(trainer: Trainer) -> Path | None:
+    """After ``Trainer.fit`` (model at the best checkpoint): store the run's task centroids (MoLA-Router on
+    multi-input/domain data; nothing otherwise) for ``mola predict``. Called by ``mola train`` and ``sweep``."""
+    return write_run_centroids(trainer.model, trainer.scenario.train, [t.name for t in trainer.tasks],
+                               trainer.run_dir, trainer.cfg.data.eval_batch_size, trainer.device,
+                               trainer.cfg.train.seed, {"checkpoint": "best", "best_epoch": trainer.best_epoch},
+                               trainer.scenario.val)
 
 
-def load_run(run_dir: str | os.PathLike[str], which: str = "best", device: str = "cpu") -> tuple[Any, Any, Any]:
-    """(config, scenario, model at the checkpoint in eval mode) of a run directory or checkpoint file.
-
-    The scenario is rebuilt from the run's data config (the data must be where training read it)."""
-    from mola.config_utils import from_dict
-    from mola.data import build_scenario
-    from mola.engine import RunConfig
-    from mola.engine.checkpoint import checkpoint_path, load_checkpoint
-    from mola.models import build_model
-
-    ckpt = load_checkpoint(checkpoint_path(run_dir, which))
-    cfg = from_dict(RunConfig, ckpt["config"])
-    scenario = build_scenario(cfg.data)
-    model = build_model(scenario, cfg.model)
-    model.load_state_dict(ckpt["model"])
-    return cfg, scenario, model.to(device).eval()
-
-
-def compute_run_centroids(run_dir: str | os.PathLike[str], device: str = "cpu") -> Path:
+def compute_run_centroids(run_dir: str | os.PathLike[str], device: str = "cpu", overrides: Sequence[str] = ()) -> Path:
     """Compute and store the centroids of a finished MoLA-Router run from its best checkpoint (older runs)."""
-    cfg, scenario, model = load_run(run_dir, "best", device)
+    run = load_run(run_dir, "best", device, overrides=overrides)
+    cfg, scenario, model = run.cfg, run.scenario, run.model
     if not is_router_multitask(model):
         raise ValueError(f"{run_dir} is not a MoLA-Router run on multi-input/domain data: no task centroids to "
                          "compute (task inference from z needs model.mola.mode=router)")
@@ -279,8 +248,8 @@ def compute_run_centroids(run_dir: str | os.PathLike[str], device: str = "cpu") 
     return out
 
 
-def task_inference_accuracy(model: nn.Module, centroids: TaskCentroids, loader: Iterable[Any],
-                            device: Any = None) -> dict[str, Any]:
+def centroid_accuracy(model: nn.Module, centroids: TaskCentroids, loader: Iterable[Any],
+                      device: Any = None) -> dict[str, Any]:
     """Nearest-centroid task inference on ``loader``: overall and per-task accuracy, mean confidence, majority rate."""
     codes = collect_codes(model, loader, device)
     t = codes["task_ids"]
@@ -299,7 +268,8 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test", device: s
     Uses the stored centroids when present (and ``recompute`` is False); otherwise computes them without
     writing anything.
     """
-    cfg, scenario, model = load_run(run_dir, "best", device)
+    run = load_run(run_dir, "best", device)
+    cfg, scenario, model = run.cfg, run.scenario, run.model
     if not is_router_multitask(model):
         raise ValueError(f"{run_dir} is not a MoLA-Router run on multi-input/domain data")
     tasks = [t.name for t in scenario.tasks]
@@ -307,16 +277,14 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test", device: s
         cents = load_run_centroids(run_dir_of(run_dir))
     else:
         bs = cfg.data.eval_batch_size
-        cents = compute_centroids(model, train_loader(scenario.train, bs, cfg.train.seed), tasks, device, None,
-                                  train_loader(scenario.val, bs, cfg.train.seed))
+        cents = compute_centroids(model, sample_loader(scenario.train, bs, cfg.train.seed, MAX_SAMPLES), tasks,
+                                  device, None, sample_loader(scenario.val, bs, cfg.train.seed, MAX_SAMPLES))
     ds = getattr(scenario, split)
-    from torch.utils.data import DataLoader
-
-    res = task_inference_accuracy(model, cents, DataLoader(ds, batch_size=cfg.data.eval_batch_size), device)
+    res = centroid_accuracy(model, cents, sample_loader(ds, cfg.data.eval_batch_size, cfg.train.seed), device)
     res.update({"run_dir": str(run_dir), "split": split, "twd_weight": cfg.model.mola.twd_weight})
     return res
 
 
-__all__ = ["CENTROIDS_FILE", "TaskCentroids", "centroids_path", "compute_centroids", "compute_run_centroids",
-           "evaluate_run", "fit_centroids", "is_router_multitask", "load_run", "load_run_centroids",
-           "run_dir_of", "task_inference_accuracy", "train_loader", "write_run_centroids"]
+__all__ = ["CENTROIDS_FILE", "TaskCentroids", "centroid_accuracy", "centroids_path", "compute_centroids",
+           "compute_run_centroids", "evaluate_run", "fit_centroids", "is_router_multitask", "load_run_centroids",
+           "write_run_centroids", "write_trained_centroids"]

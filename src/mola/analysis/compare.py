@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mola.analysis.spectra import adapter_weights, find_mola_model, pc_stats, singular_values
+from mola.analysis.spectra import adapter_weights, pc_stats, singular_values
+from mola.inject import find_mola_model
 from mola.layers import MoLALayer
 
 _PLAIN = (nn.Conv2d, nn.Linear)

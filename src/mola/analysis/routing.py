@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mola.analysis.spectra import find_mola_model
+from mola.inject import find_mola_model
 
 
 def _router_model(model: nn.Module) -> Any:
@@ -22,6 +22,17 @@ def _router_model(model: nn.Module) -> Any:
     if enc is None or enc.config.mode != "router" or enc.router is None:
         raise ValueError("routing analysis needs a MoLA-Router model (model.mola.mode=router)")
     return enc
+
+
+def sample_loader(dataset: Any, batch_size: int, seed: int, max_samples: int | None = None) -> Any:
+    """Ordered (unshuffled) loader over ``dataset``, or over a seeded random subset of ``max_samples`` of it."""
+    from torch.utils.data import DataLoader, Subset
+
+    n = len(dataset)
+    if max_samples is not None and n > max_samples:
+        g = torch.Generator().manual_seed(seed)
+        dataset = Subset(dataset, torch.randperm(n, generator=g)[:max_samples].sort().values.tolist())
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
 @torch.no_grad()
@@ -165,4 +176,4 @@ def routing_summary(train: dict[str, np.ndarray], evals: dict[str, np.ndarray], 
 
 
 __all__ = ["collect_codes", "mean_weights_per_task", "normalize_codes", "pca_2d", "predict_task", "routing_summary",
-           "silhouette", "task_centroids", "task_inference_accuracy"]
+           "sample_loader", "silhouette", "task_centroids", "task_inference_accuracy"]

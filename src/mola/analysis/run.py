@@ -3,69 +3,29 @@ analyses (CSV/JSON + PNG) to ``RUN_DIR/analysis``. Reads checkpoints only; never
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
 
 from mola.analysis import plots
 from mola.analysis.compare import compare_spectra, plain_layer_spectra, plain_weights
 from mola.analysis.params import RANKS, count_vs_rank, parameter_counts, single_task_total
-from mola.analysis.routing import collect_codes, pca_2d, routing_summary
-from mola.analysis.spectra import find_mola_model, layer_singular_values, layer_spectra, singular_values
+from mola.analysis.routing import collect_codes, pca_2d, routing_summary, sample_loader
+from mola.analysis.spectra import layer_singular_values, layer_spectra, singular_values
 from mola.data.base import Scenario
+from mola.engine.evaluate import progress_bar
+from mola.engine.run import LoadedRun, load_run
+from mola.files import write_csv, write_json
+from mola.inject import find_mola_model
+from mola.models import build_model
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def write_json(obj: Any, path: Path) -> None:
-    """JSON with nan/inf written as null."""
-    path.write_text(json.dumps(_json_safe(obj), indent=2))
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """Rows (dicts) to CSV, columns in first-seen order."""
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _sample_loader(dataset: Any, batch_size: int, max_samples: int, seed: int) -> DataLoader:
-    """Ordered loader over a seeded random subset (at most ``max_samples``) of ``dataset``."""
-    n = len(dataset)
-    if n > max_samples:
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(n, generator=g)[:max_samples].sort().values.tolist()
-        dataset = Subset(dataset, idx)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
-
-
-def _params_section(trainer: Any, ranks: tuple[int, ...]) -> dict[str, Any]:
-    from mola.models import build_model
-
-    cfg = trainer.cfg
-    model = trainer.model
-    scen = trainer.scenario
+def _params_section(run: LoadedRun, ranks: tuple[int, ...]) -> dict[str, Any]:
+    cfg, model, scen = run.cfg, run.model, run.scenario
     counts = parameter_counts(model)
     out: dict[str, Any] = {"arch": cfg.model.arch, "num_tasks": scen.num_tasks, "shared_head": scen.shared_head,
                            "counts": counts}
@@ -90,32 +50,14 @@ def _params_section(trainer: Any, ranks: tuple[int, ...]) -> dict[str, Any]:
     return out
 
 
-def load_trained(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu",
-                 scenario: Scenario | None = None) -> tuple[Any, dict[str, Any], Any]:
-    """(Trainer holding the trained model, checkpoint dict, RunConfig) of a run directory; trains nothing."""
-    from mola.config_utils import from_dict
-    from mola.engine import RunConfig, Trainer
-    from mola.engine.checkpoint import checkpoint_path, load_checkpoint
-
-    if checkpoint not in ("best", "last"):
-        raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-    ckpt = load_checkpoint(checkpoint_path(run_dir, checkpoint))
-    cfg = from_dict(RunConfig, ckpt["config"])
-    cfg.train.progress = False
-    cfg.train.tensorboard = False
-    cfg.train.device = device
-    trainer = Trainer(cfg, Path(run_dir), scenario=scenario)
-    trainer.load_state(ckpt, training=False)
-    trainer.model.eval()
-    return trainer, ckpt, cfg
-
-
 def analyze_run(run_dir: str | Path, checkpoint: str = "best", eps: float = 0.99, split: str = "val",
                 out_dir: str | Path | None = None, device: str = "cpu", scenario: Scenario | None = None,
                 ranks: tuple[int, ...] = RANKS, max_train_samples: int = 50_000,
                 experts: tuple[int, int] = (0, 1), compare: tuple[str | Path, ...] = (),
-                compare_scenarios: tuple[Scenario | None, ...] | None = None) -> dict[str, Any]:
-    """Analyse one run directory; ``scenario`` replaces rebuilding the data from the run's config (tests).
+                compare_scenarios: tuple[Scenario | None, ...] | None = None, overrides: Sequence[str] = (),
+                progress: bool = False) -> dict[str, Any]:
+    """Analyse one run directory; ``scenario`` replaces rebuilding the data from the run's config (tests),
+    ``overrides`` (``data.root=...``) point at data that moved since training.
 
     Task centroids come from up to ``max_train_samples`` training codes (as ``mola predict``'s stored centroids):
     when a router's codes barely separate tasks, a subset's centroids can flip many decisions.
@@ -124,15 +66,15 @@ def analyze_run(run_dir: str | Path, checkpoint: str = "best", eps: float = 0.99
     run_dir = Path(run_dir)
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be one of train, val, test, got {split!r}")
-    trainer, ckpt, cfg = load_trained(run_dir, checkpoint, device, scenario)
-    model = trainer.model.eval()
+    run = load_run(run_dir, checkpoint, device, overrides=overrides, scenario=scenario)
+    model, ckpt, cfg = run.model, run.state, run.cfg
     out = Path(out_dir) if out_dir is not None else run_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
-    task_names = [t.name for t in trainer.tasks]
+    task_names = run.task_names
     summary: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": checkpoint, "epoch": ckpt.get("epoch"),
                                "best_epoch": ckpt.get("best_epoch"), "arch": cfg.model.arch, "files": []}
 
-    params = _params_section(trainer, ranks)
+    params = _params_section(run, ranks)
     write_json(params, out / "params.json")
     summary["files"].append("params.json")
     summary["params"] = params
@@ -176,7 +118,7 @@ def analyze_run(run_dir: str | Path, checkpoint: str = "best", eps: float = 0.99
             label = Path(ref_dir).name
             if label in refs:
                 raise ValueError(f"two --compare runs share the folder name {label!r}; their labels would clash")
-            refs[label] = load_trained(ref_dir, checkpoint, device, ref_scen)[0].model
+            refs[label] = load_run(ref_dir, checkpoint, device, overrides=overrides, scenario=ref_scen).model
         crows, csvals = compare_spectra(model, refs, eps, experts)
         write_csv(crows, out / "compare_spectra.csv")
         plots.plot_singular_values(csvals, out / "compare_singular_values.png",
@@ -186,11 +128,11 @@ def analyze_run(run_dir: str | Path, checkpoint: str = "best", eps: float = 0.99
 
     if enc is not None and enc.config.mode == "router":
         bs = cfg.data.eval_batch_size
-        train_codes = collect_codes(model, _sample_loader(trainer.scenario.train, bs, max_train_samples,
-                                                          cfg.train.seed), trainer.device)
-        eval_loader = trainer.loaders[split] if split != "train" and split in trainer.loaders else _sample_loader(
-            getattr(trainer.scenario, split), bs, max_train_samples, cfg.train.seed)
-        eval_codes = collect_codes(model, eval_loader, trainer.device)
+        train_loader = sample_loader(run.scenario.train, bs, cfg.train.seed, max_train_samples)
+        train_codes = collect_codes(model, progress_bar(train_loader, "codes (train)", progress), device)
+        eval_set = getattr(run.scenario, split)
+        eval_loader = sample_loader(eval_set, bs, cfg.train.seed, max_train_samples if split == "train" else None)
+        eval_codes = collect_codes(model, progress_bar(eval_loader, f"codes ({split})", progress), device)
         routing = routing_summary(train_codes, eval_codes, len(task_names), task_names)
         routing["split"] = split
         routing["twd_weight"] = enc.config.twd_weight
@@ -243,4 +185,4 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["analyze_run", "format_summary", "write_csv", "write_json"]
+__all__ = ["analyze_run", "format_summary"]

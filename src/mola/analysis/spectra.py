@@ -15,15 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mola.inject import MoLAModel
+from mola.inject import find_mola_model
 from mola.layers import MoLAConv2d, MoLALayer
-
-
-def find_mola_model(model: nn.Module) -> MoLAModel | None:
-    """The MoLAModel inside ``model`` (itself, or e.g. ``MoLANet.encoder``), or None for a non-MoLA model."""
-    if isinstance(model, MoLAModel):
-        return model
-    return next((m for m in model.modules() if isinstance(m, MoLAModel)), None)
 
 
 def flatten_weight(w: Tensor) -> Tensor:
@@ -167,5 +160,5 @@ def layer_singular_values(mola_model: nn.Module, experts: tuple[int, ...] = (0, 
     return out
 
 
-__all__ = ["adapter_weights", "delta_rank_bound", "find_mola_model", "flatten_weight", "layer_singular_values",
+__all__ = ["adapter_weights", "delta_rank_bound", "flatten_weight", "layer_singular_values",
            "layer_spectra", "numerical_rank", "pc_proportion", "pc_stats", "singular_values"]

@@ -10,7 +10,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from mola.analysis.run import analyze_run, format_summary
 
     summary = analyze_run(args.run_dir, checkpoint=args.checkpoint, eps=args.eps, split=args.split,
-                          out_dir=args.out, device=args.device, compare=tuple(args.compare))
+                          out_dir=args.out, device=args.device, compare=tuple(args.compare),
+                          overrides=args.overrides, progress=True)
     print(format_summary(summary))
     return 0
 
@@ -31,4 +32,6 @@ def add_parser(subparsers: Any) -> None:
                         "spectra are put beside this run's; repeatable")
     p.add_argument("--out", help="output folder (default RUN_DIR/analysis)")
     p.add_argument("--device", default="cpu", help="device to load the model on (default cpu)")
+    p.add_argument("overrides", nargs="*", metavar="data.root=PATH",
+                   help="where the run's data is now, if it moved since training")
     p.set_defaults(func=cmd_analyze)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,14 @@ def _router_mixing(model: Any, cfg: Any, scenario: Any, run: str) -> Any:
     """(T, E) mean router weights per task: stored with the task centroids, else computed on the train split."""
     import numpy as np
 
-    from mola.task_inference import centroids_path, compute_centroids, load_run_centroids, run_dir_of, train_loader
+    from mola.analysis.routing import sample_loader
+    from mola.engine.run import run_dir_of
+    from mola.task_inference import MAX_SAMPLES, centroids_path, compute_centroids, load_run_centroids
 
     run_dir = run_dir_of(run)
     mw = load_run_centroids(run_dir).mean_weights if centroids_path(run_dir).is_file() else None
     if mw is None:
-        loader = train_loader(scenario.train, cfg.data.eval_batch_size, cfg.train.seed)
+        loader = sample_loader(scenario.train, cfg.data.eval_batch_size, cfg.train.seed, MAX_SAMPLES)
         mw = compute_centroids(model, loader, [t.name for t in scenario.tasks]).mean_weights
     if np.isnan(mw).any():
         raise ValueError("some task has no training sample: no mean router weights to fold in (use --mixing expert)")
@@ -64,14 +67,14 @@ def _router_mixing(model: Any, cfg: Any, scenario: Any, run: str) -> Any:
 
 
 def export_run(checkpoint: str, task: str, out: str, fmt: str = "pt2", peft: bool = False,
-               mixing: str | None = None) -> dict[str, Any]:
+               mixing: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Export one task of a run; returns what ``export.json`` holds.
 
     ``mixing`` (router runs): ``task-mean`` (default) folds in the task's mean router weights over its training
     samples; ``expert`` folds in adapter t alone. MoLA-Grad runs always fold in adapter t."""
-    from mola import __version__
+    from mola._version import __version__
     from mola.cli.predict import image_preprocessing
-    from mola.engine.checkpoint import checkpoint_path
+    from mola.engine.run import load_run
     from mola.export import (
         FORMAT_FILES,
         base_model,
@@ -83,9 +86,10 @@ def export_run(checkpoint: str, task: str, out: str, fmt: str = "pt2", peft: boo
         save_merged,
         save_state,
     )
-    from mola.task_inference import load_run
+    from mola.files import write_text
 
-    cfg, scenario, model = load_run(checkpoint, "best")
+    run = load_run(checkpoint, "best", overrides=overrides)
+    cfg, scenario, model = run.cfg, run.scenario, run.model
     if cfg.model.arch != "mola":
         raise ValueError(f"mola export needs a MoLA run (model.arch=mola), this run is arch {cfg.model.arch!r}")
     names = [t.name for t in scenario.tasks]
@@ -111,7 +115,7 @@ def export_run(checkpoint: str, task: str, out: str, fmt: str = "pt2", peft: boo
             vs_router = {"max_abs_error": float((got - own).abs().max()),
                          "argmax_agreement": float((got.argmax(1) == own.argmax(1)).float().mean())}
     try:
-        prep = image_preprocessing(cfg.data.kind, scenario).to_dict()
+        prep = image_preprocessing(scenario).to_dict()
     except ValueError:
         prep = None
     info: dict[str, Any] = {
@@ -122,7 +126,7 @@ def export_run(checkpoint: str, task: str, out: str, fmt: str = "pt2", peft: boo
                    "meaning": "task's mean router weights over its training samples folded in" if mw is not None
                    else "the task's adapter folded in"},
         "max_abs_error_vs_mola": err, "preprocessing": prep,
-        "checkpoint": str(checkpoint_path(checkpoint, "best")), "mola_version": __version__,
+        "checkpoint": str(run.path), "mola_version": __version__,
     }
     if router:
         info["vs_router_model"] = {**vs_router, "inputs": f"{x.shape[0]} validation inputs of the task"}
@@ -135,14 +139,12 @@ def export_run(checkpoint: str, task: str, out: str, fmt: str = "pt2", peft: boo
         info["peft"] = {"dir": "peft", "adapters": names, "base_model": "base_model.safetensors",
                         "heads": "heads.safetensors (head k under prefix 'k.'"
                                  + (", one shared head" if model.shared_head else "") + ")"}
-    tmp = out_dir / ".export.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(out_dir / "export.json")
+    write_text(json.dumps(info, indent=2), out_dir / "export.json")
     return info
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    info = export_run(args.checkpoint, args.task, args.out, args.format, args.peft, args.mixing)
+    info = export_run(args.checkpoint, args.task, args.out, args.format, args.peft, args.mixing, args.overrides)
     print(f"exported task {info['task']!r} ({info['format']}) to {Path(args.out) / info['file']}; largest "
           f"difference to the MoLA model on validation inputs {info['max_abs_error_vs_mola']:.2e}")
     if "peft" in info:
@@ -167,4 +169,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--mixing", choices=["task-mean", "expert"],
                    help="router runs: fold in the task's mean router weights (task-mean, default) or adapter T alone")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("overrides", nargs="*", metavar="data.root=PATH",
+                   help="where the run's data is now, if it moved since training")
     p.set_defaults(func=cmd_export)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mola import __version__
+from mola._version import __version__
 from mola.cli.checks import check_writable_dir, check_writable_file
 
 
@@ -37,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         from mola.engine.dryrun import dry_run, format_dry_run
 
-        print(format_dry_run(dry_run(cfg, run_dir)))
+        print(format_dry_run(dry_run(cfg, run_dir, resume=args.resume)))
         return 0
     check_writable_dir(run_dir, "run directory (--out)")
     from mola.engine.single_task import run_has_checkpoint
@@ -76,6 +76,9 @@ def _train(cfg: Any, run_dir: Path, args: argparse.Namespace, resumable: bool) -
             print(f"resuming {run_dir} from {path.name} at epoch {trainer.epoch}, batch {trainer.batch_in_epoch} "
                   f"(step {trainer.step})", file=sys.stderr)
     final = trainer.fit()
+    from mola.task_inference import write_trained_centroids  # MoLA-Router: task centroids of z, for `mola predict`
+
+    write_trained_centroids(trainer)
     if main:
         split = "test" if final["test"] else "val"
         print(f"\n{cfg.name}: {split} metrics of the best checkpoint (epoch {final['best_epoch']}; selected on "
@@ -85,25 +88,25 @@ def _train(cfg: Any, run_dir: Path, args: argparse.Namespace, resumable: bool) -
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mola.config_utils import from_dict
-    from mola.engine import RunConfig, Trainer, format_table
-    from mola.engine.checkpoint import checkpoint_path, load_checkpoint
+    from mola.data.loaders import make_eval_loader
+    from mola.engine import evaluate, format_table, load_run
+    from mola.engine.setup import resolve_device
 
     if args.output:
         check_writable_file(Path(args.output), "--output")
-    path = checkpoint_path(args.checkpoint, "best")
-    ckpt = load_checkpoint(path)
-    cfg = from_dict(RunConfig, ckpt["config"])
-    cfg.train.progress = False
-    trainer = Trainer(cfg, path.parent.parent)
-    trainer.load_state(ckpt, training=False)
+    device = resolve_device(args.device, "--device")
+    run = load_run(args.checkpoint, args.which, device, overrides=args.overrides)
     splits = ["val", "test"] if args.split == "both" else [args.split]
-    out = {s: trainer.evaluate(s) for s in splits}
+    out = {s: evaluate(run.model, make_eval_loader(getattr(run.scenario, s), run.cfg.data), run.scenario.tasks,
+                       device, progress=True, desc=s) for s in splits}
+    print(f"{run.path} (epoch {run.state.get('epoch', 0) - 1}):")
     for s in splits:
         print(f"{s}:")
         print(format_table({s: out[s], "val": out[s]}, s))
     if args.output:
-        Path(args.output).write_text(json.dumps(out, indent=2))
+        from mola.files import write_text
+
+        write_text(json.dumps(out, indent=2), args.output)
     return 0
 
 
@@ -147,13 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train into a run directory that holds results (config.yaml, metrics.csv, final.json) "
                         "but no checkpoint, replacing them")
     t.add_argument("--dry-run", action="store_true",
-                   help="build data spec, model, method and optimizer, print a summary, train and write nothing "
-                        "(paper presets use a synthetic stand-in: no data needed)")
+                   help="check the config (names, data, run directory), build data spec, model, method and "
+                        "optimizer, print a summary; train and write nothing (paper presets use a synthetic "
+                        "stand-in: no data needed)")
     t.set_defaults(func=cmd_train)
-    e = sub.add_parser("eval", help="evaluate a checkpoint file or a run directory's best checkpoint")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--split", choices=["val", "test", "both"], default="both")
-    e.add_argument("--output", help="write the metrics as JSON here")
+    e = sub.add_parser("eval", help="evaluate a checkpoint file or a run directory's best checkpoint",
+                       description="Rebuild the run's model and data from its stored config and report the metrics "
+                                   "of each task on val and/or test (no training, nothing written unless --output).")
+    e.add_argument("--checkpoint", required=True, help="run directory (its --which checkpoint) or checkpoint file")
+    e.add_argument("--which", choices=["best", "last"], default="best",
+                   help="checkpoint of a run directory: best on val (default) or last")
+    e.add_argument("--split", choices=["val", "test", "both"], default="both", help="split(s) to evaluate")
+    e.add_argument("--output", help="also write the metrics as JSON to this file")
+    e.add_argument("--device", default="cpu", help="device to evaluate on: cpu (default), cuda, auto, ...")
+    e.add_argument("overrides", nargs="*", metavar="data.root=PATH",
+                   help="where the data is now, if it moved since training (also data.eval_batch_size, "
+                        "data.num_workers)")
     e.set_defaults(func=cmd_eval)
     ls = sub.add_parser("list", help="scenarios, archs, weightings, methods and backbones")
     ls.set_defaults(func=cmd_list)

@@ -8,96 +8,28 @@ through the inferred task's head; the CSV also carries the inferred task and its
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
-import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from mola.data.preprocess import ImagePreprocessing
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-ACCEPTED_MODES = ("1", "L", "P", "RGB")
 COLUMNS = ["path", "task", "inferred_task", "confidence", "class_index", "class_name", "probability", "top_k"]
 
 
-@dataclass
-class ImagePreprocessing:
-    """How training turned an image into the model input: channels, size, scaling and mean/std.
-
-    ``resize="pil"``: PIL bilinear resize, then [0, 1] and mean/std (image-file layouts, ``ImageFileTransform``);
-    ``resize="tensor"``: [0, 1], mean/std, then bilinear resize of the tensor (array layouts such as MedMNIST).
-    Gray and RGB images are converted to ``channels`` as training did (gray replicated, RGB -> luminance).
-    """
-
-    channels: int
-    size: tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    resize: str = "tensor"
-    gray: bool = False
-
-    def load(self, path: Path) -> Tensor:
-        """The (C, H, W) float input for one image file; ValueError naming the file on a bad image."""
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as im:
-                im.load()
-                mode, bands = im.mode, len(im.getbands())
-                if mode not in ACCEPTED_MODES or (mode == "P" and "transparency" in im.info):
-                    raise ValueError(
-                        f"image {str(path)!r} has mode {mode} ({bands} channel(s)); the model expects "
-                        f"{self.channels}-channel input and mola predict accepts gray or RGB images (no alpha, "
-                        f"CMYK or 16-bit): convert it to {'L' if self.channels == 1 else 'RGB'} first")
-                im = im.convert("L" if (self.gray or self.channels == 1) else "RGB")
-        except (OSError, UnidentifiedImageError, SyntaxError) as err:
-            raise ValueError(f"cannot read image file {str(path)!r}: {err}") from err
-        return self._pipeline(im)
-
-    def _pipeline(self, im: Any) -> Tensor:
-        from torchvision.transforms import functional as TF
-
-        from mola.data.transforms import resize_tensor, to_channels
-
-        if self.resize == "pil":
-            im = TF.resize(im, list(self.size))
-        x = to_channels(TF.to_tensor(im), self.channels)
-        mean = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
-        x = (x - mean) / std
-        return resize_tensor(x, self.size) if self.resize == "tensor" else x
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def image_preprocessing(data_kind: str, scenario: Any) -> ImagePreprocessing:
-    """The preprocessing of ``scenario`` (built by data kind ``data_kind``); ValueError for non-image inputs."""
-    from mola.data.transforms import normalize_stats
-
-    shape = tuple(scenario.input_shape)
-    if len(shape) != 3 or shape[0] not in (1, 3):
-        raise ValueError(f"mola predict reads image files; this run's inputs ({data_kind}) have shape {shape}, "
-                         "not (1 or 3, H, W) images")
-    c, size = shape[0], (shape[1], shape[2])
-    if data_kind == "medmnist":
-        return ImagePreprocessing(c, size, (0.5,) * c, (0.5,) * c)
-    if data_kind == "digits":
-        m, s = float(scenario.extra["mean"]), float(scenario.extra["std"])
-        return ImagePreprocessing(c, size, (m,) * c, (s,) * c)
-    if data_kind == "multidigit":
-        from mola.data.layouts.multidigit import MNIST_MEAN, MNIST_STD
-
-        return ImagePreprocessing(c, size, (MNIST_MEAN,) * c, (MNIST_STD,) * c)
-    if data_kind in ("folder", "radimagenet"):
-        mean, std = normalize_stats(c)
-        return ImagePreprocessing(c, size, tuple(mean), tuple(std), resize="pil", gray=data_kind == "radimagenet")
-    raise ValueError(f"mola predict does not know how data kind {data_kind!r} preprocesses images; known: "
-                     "medmnist, digits, multidigit, folder, radimagenet")
+def image_preprocessing(scenario: Any) -> ImagePreprocessing:
+    """The single-image preprocessing the run's data layout declared; ValueError for non-image inputs."""
+    prep = getattr(scenario, "preprocessing", None)
+    if prep is None:
+        raise ValueError(f"mola predict reads image files; this run's inputs ({scenario.name}, shape "
+                         f"{tuple(scenario.input_shape)}) are not images its data layout can read from a file")
+    return prep
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
@@ -124,16 +56,20 @@ def _class_names(scenario: Any, task: str, num_classes: int) -> list[str]:
 
 def predict_images(run: str | os.PathLike[str], images: str | os.PathLike[str], task: str | None = None,
                    device: str = "cpu", batch_size: int = 64, top_k: int = 3,
-                   compute_centroids: bool = False) -> list[dict[str, Any]]:
-    """One row (``COLUMNS``) per image of ``images``, predicted by the best checkpoint of ``run``."""
+                   compute_centroids: bool = False, overrides: Sequence[str] = (),
+                   progress: bool = False) -> list[dict[str, Any]]:
+    """One row (``COLUMNS``) per image of ``images``, predicted by the best checkpoint of ``run``;
+    ``overrides`` (``data.root=...``) point at the run's data if it moved since training."""
+    from mola.engine.evaluate import progress_bar
+    from mola.engine.run import load_run, run_dir_of
     from mola.export import resolve_task
-    from mola.models import task_rows
-    from mola.task_inference import compute_run_centroids, is_router_multitask, load_run, load_run_centroids, run_dir_of
+    from mola.task_inference import compute_run_centroids, is_router_multitask, load_run_centroids
 
     run_dir = run_dir_of(run)
     if compute_centroids:
-        print(f"wrote {compute_run_centroids(run, device)}", file=sys.stderr)
-    cfg, scenario, model = load_run(run, "best", device)
+        print(f"wrote {compute_run_centroids(run, device, overrides)}", file=sys.stderr)
+    loaded = load_run(run, "best", device, overrides=overrides)
+    cfg, scenario, model = loaded.cfg, loaded.scenario, loaded.model
     names = [t.name for t in scenario.tasks]
     tid = resolve_task(task, names) if task is not None else None
     router = is_router_multitask(model)
@@ -155,13 +91,13 @@ def predict_images(run: str | os.PathLike[str], images: str | os.PathLike[str], 
     bad = [names[k] for k in wanted if scenario.tasks[k].kind != "classification"]
     if bad:
         raise ValueError(f"mola predict writes class predictions; task(s) {bad} are not classification tasks")
-    prep = image_preprocessing(cfg.data.kind, scenario)
+    prep = image_preprocessing(scenario)
     files = list_images(images)
     root = Path(images)
     rows: list[dict[str, Any]] = []
     enc = getattr(model, "encoder", None)
     with torch.no_grad():
-        for start in range(0, len(files), batch_size):
+        for start in progress_bar(range(0, len(files), batch_size), "predict", progress, unit="batch"):
             chunk = files[start:start + batch_size]
             x = torch.stack([prep.load(p) for p in chunk]).to(device)
             inferred = conf = None
@@ -177,7 +113,7 @@ def predict_images(run: str | os.PathLike[str], images: str | os.PathLike[str], 
                 for i in range(len(chunk)):
                     logits[i] = outs[tid][i]
             else:
-                for k, r in task_rows(ids, len(names)).items():
+                for k, r in model.task_rows(ids).items():
                     for j, i in enumerate(r.tolist()):
                         logits[i] = outs[k][j]
             for i, p in enumerate(chunk):
@@ -197,26 +133,10 @@ def predict_images(run: str | os.PathLike[str], images: str | os.PathLike[str], 
     return rows
 
 
-def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Rows to CSV (``COLUMNS``), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     from mola.cli.checks import check_writable_file
-    from mola.engine.trainer import resolve_device
+    from mola.engine.setup import resolve_device
+    from mola.files import write_csv
 
     if args.top_k < 1 or args.batch_size < 1:
         bad = ("--top-k", args.top_k) if args.top_k < 1 else ("--batch-size", args.batch_size)
@@ -224,8 +144,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     resolve_device(args.device, "--device")
     check_writable_file(Path(args.out), "--out")
     rows = predict_images(args.checkpoint, args.images, args.task, args.device, args.batch_size, args.top_k,
-                          args.compute_centroids)
-    out = write_csv(rows, args.out)
+                          args.compute_centroids, args.overrides, progress=True)
+    out = write_csv(rows, args.out, COLUMNS)
     print(f"wrote {len(rows)} predictions to {out}")
     return 0
 
@@ -245,4 +165,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--compute-centroids", action="store_true",
                    help="compute and store RUN/task_centroids.json first (router runs trained before they existed)")
+    p.add_argument("overrides", nargs="*", metavar="data.root=PATH",
+                   help="where the run's data is now, if it moved since training")
     p.set_defaults(func=cmd_predict)

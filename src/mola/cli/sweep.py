@@ -2,7 +2,7 @@
 
 sweep.yaml::
 
-    base: configs/medmnist.yaml          # a run config (relative: to the current folder, else the sweep file's)
+    base: configs/medmnist_grad.yaml     # a run config (relative: to the current folder, else the sweep file's)
     out_dir: runs/sweep1                 # one run directory per combination under here
     grid:                                # any of these axes; each a list (or one value)
       arch: [mola, hps]
@@ -22,7 +22,6 @@ and ``out_dir/sweep_summary.csv`` gets one line per combination.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import os
@@ -39,10 +38,10 @@ import yaml
 
 from mola.config_utils import safe_load_unique
 from mola.engine.single_task import run_has_checkpoint
+from mola.files import write_csv, write_text
 
 GRID_AXES = ("arch", "method", "weighting", "seed")
 SWEEP_KEYS = ("base", "out_dir", "grid", "overrides")
-MOLA_METHODS = ("mola_grad", "mola_router")
 
 
 @dataclass
@@ -168,11 +167,16 @@ def load_sweep(path: str | Path) -> SweepSpec:
     return parse_sweep(data or {}, p.parent)
 
 
-def _invalid_reason(arch: str | None, method: str | None, weighting: str | None) -> str:
-    if method in MOLA_METHODS and arch not in (None, "mola"):
-        return f"method {method} implies arch mola, not {arch}"
-    if method not in (None, "erm", *MOLA_METHODS) and weighting not in (None, "ew"):
-        return f"domain method {method} combines only with weighting ew, not {weighting}"
+def _invalid_reason(spec: SweepSpec, run: PlannedRun) -> str:
+    """Why ``mola train`` would refuse this combination (the engine's own typed config and name checks), or ""."""
+    from mola.engine import load_config
+    from mola.engine.setup import validate_names
+
+    try:
+        validate_names(load_config(spec.base, run.overrides, arch=run.arch, weighting=run.weighting,
+                                   method=run.method))
+    except ValueError as err:
+        return str(err)
     return ""
 
 
@@ -204,7 +208,7 @@ def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
         run = PlannedRun(name, spec.out_dir / name, kw.get("arch"), kw.get("method"), kw.get("weighting"),
                          kw.get("seed"), [o for _, items in ov for o in items],
                          {axis: lbl for axis, (lbl, _) in zip(spec.overrides, ov, strict=True)})
-        reason = _invalid_reason(run.arch, run.method, run.weighting)
+        reason = _invalid_reason(spec, run)
         run.status, run.reason = ("invalid", reason) if reason else (run_status(run.run_dir), "")
         plan.append(run)
     return plan
@@ -235,7 +239,11 @@ def _train_in_process(run: PlannedRun, spec: SweepSpec) -> dict[str, Any]:
     trainer = Trainer(cfg, run.run_dir)
     if run.status == "resume":
         trainer.resume()
-    return trainer.fit()
+    final = trainer.fit()
+    from mola.task_inference import write_trained_centroids
+
+    write_trained_centroids(trainer)
+    return final
 
 
 def _train_subprocess(run: PlannedRun, spec: SweepSpec, threads: int | None) -> None:
@@ -251,7 +259,7 @@ def _train_subprocess(run: PlannedRun, spec: SweepSpec, threads: int | None) -> 
 
 def _execute(run: PlannedRun, spec: SweepSpec, subprocess_mode: bool, threads: int | None) -> dict[str, Any]:
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "sweep.json").write_text(json.dumps(run.meta(), indent=2))
+    write_text(json.dumps(run.meta(), indent=2), run.run_dir / "sweep.json")
     start = time.perf_counter()
     resumed = run.status == "resume"
     try:
@@ -287,16 +295,7 @@ def summary_row(run: PlannedRun, status: str, seconds: float | None = None, erro
 
 def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
     """Write the summary CSV atomically (columns in first-seen order)."""
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
+    write_csv(rows, path)
 
 
 def run_sweep(spec: SweepSpec, plan: list[PlannedRun], workers: int = 1, progress: bool = True) -> list[dict[str, Any]]:

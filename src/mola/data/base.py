@@ -102,6 +102,7 @@ class Scenario:
     derived: bool = False
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    preprocessing: Any = None  # ImagePreprocessing: one image file -> input (mola predict); None: not images
 
     @property
     def num_tasks(self) -> int:
@@ -123,7 +124,3 @@ class Scenario:
             "test": counts(self.test),
             "derived": self.derived,
         }
-
-
-def tensor_task_ids(task_ids: Any) -> Tensor:
-    return torch.as_tensor(task_ids, dtype=torch.long)

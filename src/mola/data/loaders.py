@@ -183,6 +183,11 @@ def make_loaders(scenario: Scenario, cfg: DataConfig, seed: int) -> dict[str, Da
         )
     out = {"train": train_loader}
     for split in ("val", "test"):
-        ds = getattr(scenario, split)
-        out[split] = DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, drop_last=False, **common)
+        out[split] = make_eval_loader(getattr(scenario, split), cfg)
     return out
+
+
+def make_eval_loader(dataset: TaskDataset, cfg: DataConfig) -> DataLoader:
+    """An ordered loader over ``dataset`` with ``cfg.eval_batch_size`` (val/test evaluation)."""
+    return DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, drop_last=False,
+                      num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)

@@ -53,6 +53,7 @@ class TrainConfig:
     on_nonfinite_metric: Literal["stop", "drop"] = "stop"  # NaN/inf val metric: stop, or drop task from selection
     checkpoint_every_steps: int | None = None  # also write the `last` checkpoint every N steps (null: per epoch)
     progress: bool = True  # show a progress bar
+    log_every_steps: int = 50  # steps between reads of the running losses/method outputs (progress bar, TensorBoard)
     tensorboard: bool = True  # write TensorBoard events to RUN_DIR/tb
     single_task_results: str | None = None  # final.json of a single-task run: adds delta_m / delta_p to final.json
 
@@ -132,6 +133,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"config file {p} must hold a mapping at top level")
         data = loaded or {}
+    if method in SHORTHANDS and arch not in (None, "mola"):
+        raise ValueError(f"--method {method} implies --arch mola, not {arch}")
     if method is not None:
         if method in SHORTHANDS:
             _merge(data, SHORTHANDS[method])

@@ -82,14 +82,6 @@ class DistContext:
                 x.data.copy_(buf)
         return x
 
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        """Rank ``src``'s picklable ``obj`` on every rank."""
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src)
-        return box[0]
-
     def row_counts(self, n: int) -> list[int]:
         """The number of local rows ``n`` of every rank, in rank order."""
         if not self.enabled:

@@ -1,8 +1,8 @@
 """``mola train --dry-run``: build everything a run needs (data spec, model, method, optimizer) and train nothing.
 
 Layouts that declare their shape (``mola.data.synthetic.SPECS``: the paper presets, nyuv2, radimagenet) are
-built on a synthetic stand-in, so a paper config can be checked without its dataset; other layouts read their
-data as a real run would.
+built on a synthetic stand-in, so a paper config can be checked without its dataset; other layouts read and split
+their data as a real run would. A run directory that already holds a run is an error unless ``resume``.
 """
 
 from __future__ import annotations
@@ -14,16 +14,23 @@ from mola.data.synthetic import scenario_spec, synthetic_scenario
 from mola.engine.config import RunConfig
 
 
-def dry_run(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
+def dry_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
     """Build the Trainer of ``cfg`` (nothing is written) and summarise what it built."""
     import copy
     import warnings
 
-    from mola.engine.trainer import Trainer, selection_label, validate_names
+    from mola.engine.selection import selection_label
+    from mola.engine.setup import validate_names
+    from mola.engine.single_task import run_has_checkpoint
+    from mola.engine.trainer import Trainer
     from mola.models import num_parameters
     from mola.models.backbones import named_weights_status
 
     validate_names(cfg)
+    resumable = run_has_checkpoint(Path(run_dir))
+    if resumable and not resume:
+        raise ValueError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
+                         "or --out DIR for a new one")
     weights = named_weights_status(cfg.model.backbone)
     cfg = copy.deepcopy(cfg)
     cfg.data.num_workers = 0  # no batch is loaded
@@ -33,6 +40,9 @@ def dry_run(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     if separate:  # one run per task in `mola train`; the same T networks built together here
         cfg.model.arch = "single_task_joint"
     spec = scenario_spec(cfg.data)
+    root = Path(cfg.data.root).expanduser()
+    if spec is None and not root.exists():
+        raise FileNotFoundError(f"data folder {str(root)!r} (data.root) does not exist; set data.root=PATH")
     scenario = synthetic_scenario(spec, seed=cfg.train.seed) if spec is not None else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the select_on warning: the summary says it
@@ -41,7 +51,7 @@ def dry_run(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     opt = trainer.optimizer
     return {
         "name": cfg.name,
-        "run_dir": str(run_dir),
+        "run_dir": f"{run_dir} ({'resume' if resume and resumable else 'new'})",
         "data": f"synthetic stand-in of {cfg.data.kind} (no data read)" if spec is not None
         else f"{cfg.data.kind} at {cfg.data.root}",
         "heterogeneity": sc.heterogeneity,

@@ -19,6 +19,7 @@ from typing import Any
 from mola.data import build_scenario
 from mola.engine.checkpoint import has_checkpoint
 from mola.engine.config import RunConfig
+from mola.files import write_csv, write_text
 from mola.metrics import mean_over_tasks
 
 SEPARATE, JOINT = "single_task", "single_task_joint"
@@ -69,7 +70,7 @@ def combine_finals(cfg: RunConfig, finals: dict[str, dict[str, Any]], summary: d
                 out[task] = res[task]
         return out
 
-    from mola.engine.trainer import selection_label
+    from mola.engine.selection import selection_label
 
     val, test = pick("best", "val"), pick("best", "test")
     last_val, last_test = pick("last", "val"), pick("last", "test")
@@ -94,9 +95,7 @@ def combine_finals(cfg: RunConfig, finals: dict[str, dict[str, Any]], summary: d
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    tmp.replace(path)
+    write_text(json.dumps(data, indent=2, default=float), path)
 
 
 def _write_metrics(run_dir: Path, tasks: list[str]) -> None:
@@ -107,15 +106,7 @@ def _write_metrics(run_dir: Path, tasks: list[str]) -> None:
         if path.is_file():
             with open(path, newline="") as fh:
                 rows += [{"task": t, **r} for r in csv.DictReader(fh)]
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    tmp = run_dir / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(run_dir / "metrics.csv")
+    write_csv(rows, run_dir / "metrics.csv")
 
 
 def _finished(sdir: Path, sub: RunConfig) -> dict[str, Any] | None:
@@ -124,7 +115,7 @@ def _finished(sdir: Path, sub: RunConfig) -> dict[str, Any] | None:
     import yaml
 
     from mola.config_utils import from_dict
-    from mola.engine.trainer import RESUME_FREE_KEYS, config_diff
+    from mola.engine.run import RESUME_FREE_KEYS, config_diff
 
     done = sdir / "final.json"
     if not done.is_file():
@@ -145,9 +136,11 @@ def fit_single_task(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -
     ``final.json`` is resumed with ``resume`` and is an error without it, as for any run.
     """
     from mola.engine.config import dump_config
+    from mola.engine.run import absolute_root
     from mola.engine.trainer import Trainer
 
     run_dir = Path(run_dir)
+    cfg.data.root = absolute_root(cfg.data.root)  # stored absolute, as the Trainer does (and its sub-runs)
     scenario = build_scenario(cfg.data)
     names = [t.name for t in scenario.tasks]
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -132,9 +132,6 @@ class MoLALayer(nn.Module):
         """W0 + s * dW_e: the weight a sample routed only to ``expert`` sees."""
         return self.merged_weights(torch.tensor([expert], device=self.weight.device))[0]
 
-    def adapter_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters(recurse=False)]
-
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, rank={self.rank}, alpha={self.alpha:g}, layout={self.layout}, "

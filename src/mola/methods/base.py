@@ -7,6 +7,7 @@ per-task losses become gradients; it never touches the optimizer, the data or th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,8 +45,8 @@ class StepContext:
     """What a method may read during one training step.
 
     ``shared_params``: parameters every task updates (backbone W0, MoLA router and lift, gates...), whose per-task
-    gradients gradient methods combine; ``task_params``: parameters that belong to one task (heads, MoLA adapters,
-    towers) plus method modules.
+    gradients gradient methods combine; ``task_params``: parameters that belong to one task (heads, MoLA-Grad
+    adapters, towers; router-mode adapters are shared) plus method modules.
     ``features``: the shared representation the heads read (for "-UB" methods), part of the graph.
     ``outputs`` / ``targets``: per-task predictions and targets of the present tasks, rows aligned.
     ``extra_loss``: a term added to the objective that is not a task loss (lambda * TwD in router mode).
@@ -89,8 +90,10 @@ class Method(nn.Module):
         """One scalar to back-propagate: the plain sum of the present tasks' losses by default (method.md §6)."""
         return torch.stack(list(losses.values())).sum()
 
-    def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> dict[str, float]:
-        """Fill ``.grad`` of every trainable parameter; returns numbers worth logging (e.g. task weights)."""
+    def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> Mapping[str, Tensor | float]:
+        """Fill ``.grad`` of every trainable parameter; returns numbers worth logging (task weights, ...) as
+        0-d tensors left on their device: the Trainer averages them and reads them once per logging interval
+        into metrics.csv (``method/<name>``) and TensorBoard, so returning them costs no host sync."""
         total = self.combine(losses, ctx)
         if ctx.extra_loss is not None:
             total = total + ctx.extra_loss

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mola.inject import find_stages
 from mola.layers.router import BasicBlock
 from mola.registry import Registry
 
@@ -536,8 +537,12 @@ class TimmBackbone(nn.Module):
         self.out_dim = int(net.num_features)
         self.dense = dense
         self.output = "map" if dense else "vector"
-        self.mola_stages = _timm_stages(net)
-        self.mola_stage_modules = "mlp" if any(".blocks." in f".{s}." for s in self.mola_stages) else "conv"
+        try:
+            prefixes, kind = find_stages(net)
+        except ValueError:  # no known stage layout: target_modules must then name modules
+            prefixes, kind = [], "any"
+        self.mola_stages = [f"net.{p}" for p in prefixes]
+        self.mola_stage_modules = kind
 
     def forward(self, x: Tensor) -> Tensor:
         feats = self.net.forward_features(x)
@@ -546,17 +551,6 @@ class TimmBackbone(nn.Module):
                 raise ValueError("this timm model returns tokens, not a feature map: it cannot serve dense tasks")
             return feats
         return self.net.forward_head(feats, pre_logits=True)
-
-
-def _timm_stages(net: nn.Module) -> list[str]:
-    names = dict(net.named_modules())
-    for container in ("blocks", "stages", "layers"):
-        mod = names.get(container)
-        if isinstance(mod, (nn.Sequential, nn.ModuleList)):
-            return [f"net.{container}.{n}" for n, _ in mod.named_children()]
-    if "layer4" in names:
-        return [f"net.layer{i}" for i in range(1, 5)]
-    return []
 
 
 def build_backbone(cfg: BackboneConfig, input_shape: tuple[int, ...], dense: bool) -> nn.Module:

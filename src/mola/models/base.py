@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import torch
 from torch import Tensor, nn
 
 from mola.config_utils import from_dict
 from mola.data.base import Heterogeneity, TaskInfo
 from mola.inject import MoLAConfig
+from mola.layers.routing import check_task_ids, task_groups
 from mola.models.backbones import MLP, BackboneConfig, SmallViT
 from mola.models.heads import DenseHead, make_head
 from mola.registry import Registry
@@ -38,10 +38,19 @@ class ModelConfig:
 
 def task_rows(task_ids: Tensor, num_tasks: int) -> dict[int, Tensor]:
     """Row indices of each present task, in batch order (one host sync)."""
-    counts = torch.bincount(task_ids, minlength=num_tasks).tolist()
-    if len(counts) > num_tasks:
-        raise ValueError(f"task id {len(counts) - 1} out of range [0, {num_tasks})")
-    return {t: torch.nonzero(task_ids == t).squeeze(1) for t, c in enumerate(counts) if c > 0}
+    return rows_of_groups(*task_groups(task_ids, num_tasks))
+
+
+def rows_of_groups(order: Tensor, counts: list[int]) -> dict[int, Tensor]:
+    """``task_rows`` from ``task_groups``' (order, counts): slices of the stable sort, no further sync."""
+    return {t: r for t, (r, c) in enumerate(zip(order.split(counts), counts, strict=True)) if c > 0}
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return int(t._version)
+    except RuntimeError:  # inference-mode tensors keep no version counter (and cannot be changed in place)
+        return -1
 
 
 def _check_inputs_hook(module: MultiTaskModel, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -69,6 +78,7 @@ class MultiTaskModel(nn.Module):
         self.features: Tensor | None = None
         self.feature_dim: int | None = None
         self._fixed_input_size: bool | None = None
+        self._groups_cache: tuple[Tensor, int, tuple[Tensor, list[int]]] | None = None
         self.register_forward_pre_hook(_check_inputs_hook, with_kwargs=True)
 
     def check_inputs(self, x: Any, task_ids: Any) -> None:
@@ -91,24 +101,22 @@ class MultiTaskModel(nn.Module):
                              f"(fixed input size); set data.image_size or resize the inputs")
         if task_ids is None and self.single_input:
             return
-        if not isinstance(task_ids, Tensor):
-            raise ValueError(f"task_ids must be a torch.Tensor of shape ({shape[0]},), got {type(task_ids).__name__}")
-        if task_ids.dtype.is_floating_point or task_ids.dtype == torch.bool or task_ids.is_complex():
-            raise ValueError(f"task_ids must be an integer tensor, got dtype {task_ids.dtype}")
-        if tuple(task_ids.shape) != (shape[0],):
-            raise ValueError(f"task_ids must have shape ({shape[0]},) to match the batch, got {tuple(task_ids.shape)}")
-        low = -1 if self.single_input else 0
-        if task_ids.numel() and task_ids.device.type != "cpu":
-            # no host sync in the forward on accelerators: the range check fails asynchronously instead
-            torch._assert_async(((task_ids >= low) & (task_ids < self.num_tasks)).all(),
-                                f"task id out of range [{low}, {self.num_tasks})")
-        elif task_ids.numel() and not torch.compiler.is_compiling():
-            lo, hi = (int(v) for v in torch.aminmax(task_ids))
-            if lo < low or hi >= self.num_tasks:
-                bad = lo if lo < low else hi
-                names = ", ".join(t.name for t in self.tasks)
-                raise ValueError(f"task id {bad} out of range [{low}, {self.num_tasks}) for the {self.num_tasks} "
-                                 f"task(s) of this model ({names})")
+        names = ", ".join(t.name for t in self.tasks)
+        check_task_ids(task_ids, shape[0], -1 if self.single_input else 0, self.num_tasks,
+                       f" for the {self.num_tasks} task(s) of this model ({names})")
+
+    def task_groups(self, task_ids: Tensor) -> tuple[Tensor, list[int]]:
+        """``task_groups`` of ``task_ids``, computed once per batch: the forward, the MoLA layers and the loss
+        share it (the same tensor object and version gives the cached result)."""
+        key = (task_ids, _version(task_ids))
+        cached = self._groups_cache
+        if cached is None or cached[0] is not key[0] or cached[1] != key[1]:
+            self._groups_cache = cached = (*key, task_groups(task_ids, self.num_tasks))
+        return cached[2]
+
+    def task_rows(self, task_ids: Tensor) -> dict[int, Tensor]:
+        """Row indices of each present task of ``task_ids`` (cached per batch, see ``task_groups``)."""
+        return rows_of_groups(*self.task_groups(task_ids))
 
     def _fixed_size(self) -> bool:
         if self._fixed_input_size is None:
@@ -148,7 +156,7 @@ class MultiTaskModel(nn.Module):
         if self.single_input:
             return {t: self.head(t)(feats, out_size) for t in range(self.num_tasks)}
         return {t: self.head(t)(feats.index_select(0, rows), out_size)
-                for t, rows in task_rows(task_ids, self.num_tasks).items()}
+                for t, rows in self.task_rows(task_ids).items()}
 
     def forward(self, x: Tensor, task_ids: Tensor) -> dict[int, Tensor]:
         raise NotImplementedError

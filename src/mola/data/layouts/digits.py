@@ -39,6 +39,7 @@ from mola.data.layouts._common import (
     stratified_split,
     tree,
 )
+from mola.data.preprocess import ImagePreprocessing
 from mola.data.registry import SCENARIOS
 from mola.data.transforms import ResizeTensor, resize_tensor, to_channels
 
@@ -199,4 +200,5 @@ def build_digits(cfg: DataConfig) -> Scenario:
             f"std {std:.4f}."
         ),
         extra={"mean": mean, "std": std, "root": str(root)},
+        preprocessing=ImagePreprocessing.normalized((channels, size, size), mean, std),
     )

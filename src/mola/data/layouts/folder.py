@@ -28,8 +28,9 @@ from mola.data.layouts._common import (
     tree,
     verify_image_files,
 )
+from mola.data.preprocess import ImagePreprocessing
 from mola.data.registry import SCENARIOS
-from mola.data.transforms import ImageFileTransform
+from mola.data.transforms import ImageFileTransform, normalize_stats
 
 FOLDER_LAYOUT = tree(
     "<root>/",
@@ -145,4 +146,6 @@ def build_folder(cfg: DataConfig) -> Scenario:
         shared_head=True,
         notes=notes,
         extra={"classes": classes, "root": str(root)},
+        preprocessing=ImagePreprocessing.normalized((channels, size, size), *normalize_stats(channels),
+                                                    resize="crop" if cfg.augment == "paper" else "pil"),
     )

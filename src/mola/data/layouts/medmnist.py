@@ -36,6 +36,7 @@ from mola.data.layouts._common import (
     stratified_split,
     tree,
 )
+from mola.data.preprocess import ImagePreprocessing
 from mola.data.registry import SCENARIOS
 from mola.data.transforms import ResizeTensor, to_channels
 
@@ -239,4 +240,5 @@ def build_medmnist(cfg: DataConfig) -> Scenario:
              f"{channels} channel(s)"] + notes
         ),
         extra={"files": {n: str(found[s]) for n, s in zip(names, stems, strict=True)}, "root": str(root)},
+        preprocessing=ImagePreprocessing.normalized((channels, size, size), 0.5, 0.5),
     )

@@ -27,6 +27,7 @@ from mola.data.layouts._common import (
     stratified_split,
 )
 from mola.data.layouts.digits import LAYOUT, load_mnist
+from mola.data.preprocess import ImagePreprocessing
 from mola.data.registry import SCENARIOS
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -98,4 +99,5 @@ def build_multidigit(cfg: DataConfig) -> Scenario:
             "standardised with MNIST mean 0.1307 / std 0.3081."
         ),
         extra={"root": str(root)},
+        preprocessing=ImagePreprocessing.normalized((1, 28, 56), MNIST_MEAN, MNIST_STD),
     )

@@ -12,7 +12,9 @@ from mola.data.base import Scenario, TaskInfo
 from mola.data.config import DataConfig
 from mola.data.layouts._common import resolve_root, tree
 from mola.data.layouts.folder import build_file_splits, list_groups, scan_group, split_group
+from mola.data.preprocess import ImagePreprocessing
 from mola.data.registry import SCENARIOS
+from mola.data.transforms import normalize_stats
 
 RADIMAGENET_LAYOUT = tree(
     "<root>/",
@@ -53,4 +55,6 @@ def build_radimagenet(cfg: DataConfig) -> Scenario:
             f"grayscale -> {channels} channel(s), resized to {size}x{size}."
         ),
         extra={"classes": {t: sorted(files[t]) for t in tasks}, "root": str(root)},
+        preprocessing=ImagePreprocessing.normalized((channels, size, size), *normalize_stats(channels), resize="pil",
+                                                    gray=True),
     )

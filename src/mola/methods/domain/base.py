@@ -30,7 +30,7 @@ class DomainMethod(Method):
             raise ValueError(f"{type(self).__name__} needs feature_dim (the channel size of the shared features)")
         return int(self.feature_dim)
 
-    def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> dict[str, float]:
+    def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> dict[str, Tensor | float]:
         self.last_logs = {}
         super().backward(losses, ctx)
         return dict(self.last_logs)

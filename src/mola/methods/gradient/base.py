@@ -59,6 +59,17 @@ def flat_grads(loss: Tensor, wrt: list[Tensor]) -> Tensor:
     return torch.cat([(torch.zeros_like(w) if g is None else g).reshape(-1) for g, w in zip(grads, wrt, strict=True)])
 
 
+def _direction_logs(G: Tensor, d: Tensor, tasks: list[int]) -> dict[str, Tensor | float]:
+    """What a gradient step did, as device tensors (no host sync): ``conflicts``, the number of task pairs whose
+    gradients point against each other (negative inner product), and ``cos<t>``, the cosine between task t's
+    gradient and the applied direction."""
+    gram = G.detach() @ G.detach().T
+    cos = (G.detach() @ d.detach()) / (G.detach().norm(dim=1) * d.detach().norm()).clamp_min(1e-12)
+    out: dict[str, Tensor | float] = {"conflicts": (torch.triu(gram, 1) < 0).sum().float()}
+    out.update({f"cos{t}": cos[i] for i, t in enumerate(tasks)})
+    return out
+
+
 class GradientMethod(Method):
     """Base of gradient methods: subclasses implement ``direction(G, tasks, losses)`` (usually a call to the
     module-level ``aggregate``) and may override ``task_losses`` to transform the losses first (IMTL-L)."""
@@ -73,7 +84,7 @@ class GradientMethod(Method):
         """Aggregate the (T_present x D) matrix ``G`` of the present ``tasks`` into one D-vector."""
         raise NotImplementedError
 
-    def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> dict[str, float]:
+    def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> dict[str, Tensor | float]:
         """Fill ``.grad``: aggregated direction on the shared parameters, plain gradients elsewhere."""
         losses = self.task_losses(losses, ctx)
         extra = ctx.extra_loss
@@ -102,6 +113,7 @@ class GradientMethod(Method):
         elif dist is not None:
             G = dist.all_reduce_sum(G) / dist.world_size
         d = self.direction(G, tasks, [losses[t] for t in tasks]).to(G.dtype)
+        logs = _direction_logs(G, d, tasks)
         if dist is not None:
             d = dist.broadcast_(d.contiguous())
             if rows is not None:
@@ -126,7 +138,7 @@ class GradientMethod(Method):
             torch.autograd.backward(total, inputs=others, retain_graph=extra is not None)
         if extra is not None and extra.requires_grad:
             torch.autograd.backward(extra, inputs=shared + others)
-        return {}
+        return logs
 
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}, needs={self.needs!r}"

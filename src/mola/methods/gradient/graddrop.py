@@ -71,7 +71,7 @@ class GradDrop(GradientMethod):
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
         self._batch_size: int | None = None
 
-    def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> dict[str, float]:
+    def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> dict[str, Tensor | float]:
         feats = ctx.features
         self._batch_size = int(feats.shape[0]) if (self.batch_sum and feats is not None and feats.dim() > 1) else None
         if self._batch_size is not None and ctx.dist is not None:  # DDP: G holds the rows of the global batch

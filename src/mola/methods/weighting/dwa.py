@@ -27,11 +27,10 @@ class DWA(Method):
 
     def weights(self) -> Tensor:
         """The current weight vector (length T, float64, sums to T)."""
-        if int(self.epochs_seen) < 2:
-            return torch.ones(self.num_tasks, dtype=torch.float64)
         ratio = self.history[1] / self.history[0]
         ratio = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio))
-        return self.num_tasks * torch.softmax(ratio / self.temperature, dim=0)
+        w = self.num_tasks * torch.softmax(ratio / self.temperature, dim=0)
+        return torch.where(self.epochs_seen < 2, torch.ones_like(w), w)  # no host sync: stays on the device
 
     def combine(self, losses: dict[int, Tensor], ctx: StepContext) -> Tensor:
         w = self.weights()
@@ -44,10 +43,10 @@ class DWA(Method):
                                        dtype=torch.float64)
         self.epochs_seen += 1
 
-    def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> dict[str, float]:
+    def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         super().backward(losses, ctx)
         w = self.weights()
-        return {f"w{t}": float(w[t]) for t in losses}
+        return {f"w{t}": w[t] for t in losses}
 
 
 __all__ = ["DWA"]

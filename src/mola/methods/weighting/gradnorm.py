@@ -78,7 +78,7 @@ class GradNorm(Method):
         multi = [p for p in params if p.dim() > 1]
         return (multi or params)[-1]
 
-    def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> dict[str, float]:
+    def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         """Model gradients of sum_t w_t L_t (+ extra loss); the weights' gradient from the GradNorm loss."""
         self.renormalize()
         tasks = sorted(losses)
@@ -111,7 +111,7 @@ class GradNorm(Method):
             total = part if total is None else total + part
         if total is not None:
             total.backward()
-        return {f"w{t}": float(wd[t]) for t in tasks}
+        return {f"w{t}": wd[t] for t in tasks}
 
 
 __all__ = ["GradNorm"]

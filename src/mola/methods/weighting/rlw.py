@@ -32,10 +32,10 @@ class RLW(Method):
         self.last_weights = w
         return torch.stack([w[t].to(loss) * loss for t, loss in losses.items()]).sum()
 
-    def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> dict[str, float]:
+    def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         super().backward(losses, ctx)
         assert self.last_weights is not None
-        return {f"w{t}": float(self.last_weights[t]) for t in losses}
+        return {f"w{t}": self.last_weights[t] for t in losses}
 
 
 __all__ = ["RLW"]

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from mola.data.base import Heterogeneity, TaskInfo
 from mola.models.archs.mmoe import ExpertBank, gate_input, gate_input_dim, mix
-from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options, task_rows
+from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options
 
 
 @dataclass
@@ -60,7 +60,7 @@ class CGC(MultiTaskModel):
         g_in = gate_input(h, self.options.gate_pool)
         shared = self.shared.run_experts(h)
         self.features = shared
-        rows = None if self.single_input else task_rows(task_ids, self.num_tasks)
+        rows = None if self.single_input else self.task_rows(task_ids)
         out, self.gate_weights = {}, {}
         for t in range(self.num_tasks) if rows is None else rows:
             ht, gi, ex = (h, g_in, shared) if rows is None else (h[rows[t]], g_in[rows[t]], shared[rows[t]])

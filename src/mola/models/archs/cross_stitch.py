@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from mola.data.base import Heterogeneity, TaskInfo
 from mola.models.backbones import MLP, ResNetBackbone, SmallCNN, SmallViT
-from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options, task_rows
+from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options
 
 # --- stage helpers -------------------------------------------------------------------------------------
 
@@ -120,7 +120,7 @@ def stacked_task_outputs(model: MultiTaskModel, feats: Tensor, task_ids: Tensor,
     if model.single_input:
         return {t: model.head(t)(feats[t], out_size) for t in range(model.num_tasks)}
     return {t: model.head(t)(feats[t].index_select(0, rows), out_size)
-            for t, rows in task_rows(task_ids, model.num_tasks).items()}
+            for t, rows in model.task_rows(task_ids).items()}
 
 
 # --- cross-stitch ----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from mola.data.base import Heterogeneity, TaskInfo
 from mola.models.archs.mmoe import ExpertBank, gate_input, gate_input_dim, mix
-from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options, task_rows
+from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options
 
 
 def smooth_step(t: Tensor, gamma: float) -> Tensor:
@@ -108,7 +108,7 @@ class DSelectK(MultiTaskModel):
         size = self.out_size(x)
         h = self.bank.run_bottom(x)
         g_in = gate_input(h, self.options.gate_pool)
-        rows = None if self.single_input else task_rows(task_ids, self.num_tasks)
+        rows = None if self.single_input else self.task_rows(task_ids)
         present = list(range(self.num_tasks)) if rows is None else list(rows)
         weights, entropies = {}, []
         for t in present:

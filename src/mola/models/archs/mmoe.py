@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from mola.data.base import Heterogeneity, TaskInfo
 from mola.models.archs.cross_stitch import backbone_stages, run_stages, stage_shapes, stage_slice
-from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options, task_rows
+from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options
 
 
 def gate_input(h: Tensor, pool: int) -> Tensor:
@@ -106,7 +106,7 @@ class MMoE(MultiTaskModel):
         g_in = gate_input(h, self.options.gate_pool)
         experts = self.bank.run_experts(h)
         self.features = experts
-        rows = None if self.single_input else task_rows(task_ids, self.num_tasks)
+        rows = None if self.single_input else self.task_rows(task_ids)
         out, self.gate_weights = {}, {}
         for t in range(self.num_tasks) if rows is None else rows:
             gi, ex = (g_in, experts) if rows is None else (g_in[rows[t]], experts[rows[t]])

@@ -39,6 +39,9 @@ class MoLANet(MultiTaskModel):
         if mcfg.mode == "grad" and mcfg.num_experts != len(tasks):
             raise ValueError(f"MoLA-Grad needs num_experts = number of tasks ({len(tasks)}), got {mcfg.num_experts}")
         self.mola_config = mcfg
+        # grad mode: adapter t sees task t only (task-specific); router mode: every sample mixes every adapter,
+        # so the adapters are shared and gradient methods combine their per-task gradients
+        self.task_specific_groups = ("heads", "adapters") if mcfg.mode == "grad" else ("heads",)
         net = backbone()
         self.encoder = inject(net, mcfg)
         self.heads = self.make_heads(net.out_dim, cfg.head_hidden)
@@ -57,8 +60,10 @@ class MoLANet(MultiTaskModel):
             return {i: self.head(i)(feats[i * b:(i + 1) * b], size) for i in range(t)}
         if self.single_input:
             feats = self.encoder(x)
+        elif self.mode == "grad":  # ids checked by this model's pre-hook; one grouping per batch for all layers
+            feats = self.encoder(x, task_ids=task_ids.long(), groups=self.task_groups(task_ids), checked=True)
         else:
-            feats = self.encoder(x, task_ids=task_ids)
+            feats = self.encoder(x, task_ids=task_ids.long(), checked=True)
         self.features = feats
         return self.apply_heads(feats, task_ids, size)
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from mola.data.base import Heterogeneity, TaskInfo
 from mola.models.archs.cross_stitch import backbone_stages, stage_shapes
-from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options, task_rows
+from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options
 
 
 def _attention(cin: int, cout: int, hidden: int, vector: bool) -> nn.Sequential:
@@ -116,7 +116,7 @@ class MTAN(MultiTaskModel):
             feats = torch.stack([self.attend(t, shared) for t in range(self.num_tasks)])
             self.features = feats
             return {t: self.head(t)(feats[t], size) for t in range(self.num_tasks)}
-        rows = task_rows(task_ids, self.num_tasks)
+        rows = self.task_rows(task_ids)
         parts = []
         for t, r in rows.items():
             if self.training and len(r) == 1:  # BatchNorm needs 2+ samples: attend on the batch, keep the row

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mola.data.base import Heterogeneity, TaskInfo
-from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options, task_rows
+from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options
 from mola.models.heads import make_head
 
 
@@ -44,7 +44,7 @@ class SingleTask(MultiTaskModel):
         if self.single_input:
             return {t: self.heads[t](self.towers[t](x), size) for t in range(self.num_tasks)}
         return {t: self.heads[t](self._tower(t, x.index_select(0, rows)), size)
-                for t, rows in task_rows(task_ids, self.num_tasks).items()}
+                for t, rows in self.task_rows(task_ids).items()}
 
     def _tower(self, t: int, x: Tensor) -> Tensor:
         """Task t's encoder; a lone row in training uses BatchNorm's running statistics (a batch of one has no

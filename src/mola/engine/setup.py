@@ -1,0 +1,98 @@
+"""Building a run's parts from its config: name checks, seeding, the device and the optimizer."""
+
+from __future__ import annotations
+
+import difflib
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mola.engine.config import SHORTHANDS, RunConfig
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (initialisation, sampling order, methods)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def validate_names(cfg: RunConfig) -> None:
+    """Fail fast, before any data is read, on an unknown data kind, arch, backbone, weighting or method."""
+    import mola.data.layouts  # noqa: F401
+    import mola.models.archs  # noqa: F401
+    from mola.data.registry import SCENARIOS
+    from mola.methods import DOMAIN_METHODS, WEIGHTINGS
+    from mola.models import ARCHS, BACKBONES
+
+    SCENARIOS.get(cfg.data.kind)
+    ARCHS.get(cfg.model.arch)
+    if not cfg.model.backbone.name.startswith("timm:"):
+        BACKBONES.get(cfg.model.backbone.name)
+    WEIGHTINGS.get(cfg.train.weighting)
+    if cfg.train.method != "erm" and cfg.train.method not in DOMAIN_METHODS:
+        if cfg.train.method in SHORTHANDS:
+            raise ValueError(f"train.method {cfg.train.method!r} is a --method shorthand (it sets model.arch/"
+                             "model.mola.mode); in a config file set model.arch: mola and model.mola.mode instead")
+        valid = [*SHORTHANDS, "erm", *(n for n in DOMAIN_METHODS.names() if n != "erm")]
+        close = difflib.get_close_matches(cfg.train.method, valid, n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"unknown method {cfg.train.method!r} (--method / train.method).{hint} "
+                         f"Valid names: {', '.join(valid)}")
+    if cfg.train.method != "erm" and cfg.train.weighting != "ew":
+        raise ValueError(f"domain method {cfg.train.method} combines only with weighting ew, not "
+                         f"{cfg.train.weighting} (train.method / train.weighting)")
+
+
+def resolve_device(name: str, what: str = "train.device") -> torch.device:
+    """``auto`` -> cuda if available, else cpu; any other name must parse and exist here (ValueError naming it)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"{what} {name!r} is not a device name (use auto, cpu, cuda, cuda:N or mps)") from err
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"{what} {name!r}: no CUDA GPU is available here (use cpu or auto)")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"{what} {name!r}: this machine has {n} CUDA GPU(s), cuda:0..cuda:{n - 1}")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"{what} {name!r}: MPS is not available here (use cpu or auto)")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{what} {name!r}: mola runs on cpu, cuda or mps")
+    return dev
+
+
+def build_optimizer(cfg: RunConfig, params: list[nn.Parameter], heterogeneity: str,
+                    steps_total: int, steps_per_epoch: int = 1) -> tuple[torch.optim.Optimizer, Any]:
+    """Per-scenario defaults (method.md §11): domain AdamW 1e-4, multi-input SGD 0.05 + cosine, single-input Adam.
+    The scheduler steps once per optimizer step (``step``: every ``step_epochs * steps_per_epoch`` steps)."""
+    o = cfg.optim
+    defaults = {"domain": ("adamw", 1e-4, 1e-2, "none"), "multi_input": ("sgd", 0.05, 1e-4, "cosine"),
+                "single_input": ("adam", 1e-4, 0.0, "none")}[heterogeneity]
+    name = defaults[0] if o.name == "auto" else o.name
+    lr = defaults[1] if o.lr is None else o.lr
+    wd = (defaults[2] if o.name == "auto" else {"sgd": 1e-4, "adam": 0.0, "adamw": 1e-2}[name]) \
+        if o.weight_decay is None else o.weight_decay
+    if name == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=wd)
+    elif name == "adam":
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    sched_name = defaults[3] if o.scheduler == "auto" else o.scheduler
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None
+    if sched_name == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps_total))
+    elif sched_name == "step":
+        if o.step_epochs < 1 or not 0.0 < o.step_gamma <= 1.0:
+            raise ValueError(f"optim.step_epochs must be >= 1 and optim.step_gamma in (0, 1], got {o.step_epochs} "
+                             f"and {o.step_gamma}")
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o.step_epochs * max(1, steps_per_epoch),
+                                                gamma=o.step_gamma)
+    return opt, sched
