@@ -13,9 +13,8 @@ so a kill at any moment leaves at least one good ``last`` and a corrupt newest o
 ``checkpoint_path`` is the one place that knows file names; ``load_checkpoint`` reads any of them (and the
 legacy ``.pt`` files of older runs, with ``torch.load(weights_only=True)``).
 
-Fault injection (for tests of kills at exact instants): ``MOLA_FAULT=POINT[:N]`` makes the process SIGKILL itself
-the N-th time (default 1st) it passes the named point; ``fault_point`` lists the points. ``RunLock`` gives a run
-folder one owner.
+Fault injection (``MOLA_FAULT``, ``fault_point``) and the run-folder lock (``RunLock``) live in
+``mola.engine.runfolder`` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -26,9 +25,6 @@ import json
 import os
 import random
 import secrets
-import signal
-import socket
-import time
 import warnings
 from pathlib import Path
 from typing import Any, cast
@@ -37,6 +33,13 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from mola.engine.runfolder import FAULT_ENV as FAULT_ENV  # re-exported: the kill points and lock live there
+from mola.engine.runfolder import FAULT_POINTS as FAULT_POINTS
+from mola.engine.runfolder import LOCK_NAME as LOCK_NAME
+from mola.engine.runfolder import RunLock as RunLock
+from mola.engine.runfolder import RunLockedError as RunLockedError
+from mola.engine.runfolder import fault_point
 
 FORMAT = "mola-checkpoint"
 VERSION = "2"
@@ -73,112 +76,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["cuda"]))
-
-
-# ------------------------------------------------------------------------------------ fault injection
-FAULT_ENV = "MOLA_FAULT"
-FAULT_POINTS = ("best.tmp_written", "best.written", "last.tmp_written", "last.prev_kept", "last.written",
-                "metrics.written", "final.written")
-"""Named instants of a run's writes, in the order an epoch end passes them (``<file>.tmp_written``: temp file
-complete, not yet renamed; ``last.prev_kept``: old ``last`` linked to ``last.prev``; ``<file>.written``: renamed)."""
-_fault_hits: dict[str, int] = {}
-
-
-def fault_point(name: str) -> None:
-    """SIGKILL this process here if ``MOLA_FAULT`` names this point (and this is its N-th pass); else nothing."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    point, _, count = spec.partition(":")
-    if point != name:
-        return
-    _fault_hits[name] = _fault_hits.get(name, 0) + 1
-    if _fault_hits[name] == (int(count) if count else 1):
-        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
-
-
-# -------------------------------------------------------------------------------------- run-folder lock
-LOCK_NAME = ".mola.lock"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-class RunLockedError(RuntimeError):
-    """Another live process owns the run folder (its lock names the process)."""
-
-
-class RunLock:
-    """Exclusive ownership of a run folder for the life of a run: ``RUN_DIR/.mola.lock`` holds
-    ``pid host``. Another live process's lock is a RuntimeError naming it; a lock left by a process that no
-    longer exists (same host) is stale and taken over with a warning. Re-entrant within one process."""
-
-    _held: dict[str, int] = {}
-
-    def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / LOCK_NAME
-        self.key = str(self.path.resolve())
-
-    def _owner(self) -> tuple[int, str] | None:
-        try:
-            pid, host = self.path.read_text().split()[:2]
-            return int(pid), host
-        except (OSError, ValueError):
-            return None
-
-    def acquire(self) -> RunLock:
-        if self._held.get(self.key):
-            self._held[self.key] += 1
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = f"{os.getpid()} {socket.gethostname()}\n"
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is None:  # being written by its owner right now, or garbage: look again, then judge
-                    time.sleep(0.05)
-                    owner = self._owner()
-                    if owner is None:
-                        self.path.unlink(missing_ok=True)
-                        continue
-                pid, host = owner
-                if host == socket.gethostname() and (pid == os.getpid() or not _pid_alive(pid)):
-                    warnings.warn(f"run folder {self.path.parent}: removing the stale lock of process {pid}, "
-                                  "which no longer runs", RuntimeWarning, stacklevel=2)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise RunLockedError(f"run folder {self.path.parent} is in use by process {pid} on {host} (lock "
-                                   f"{self.path}); wait for it, stop it, or train into another --out. If that "
-                                   "process is gone, delete the lock file") from None
-            with os.fdopen(fd, "w") as fh:
-                fh.write(me)
-            self._held[self.key] = 1
-            return self
-        raise RuntimeError(f"could not take the lock {self.path} of run folder {self.path.parent}")
-
-    def release(self) -> None:
-        n = self._held.get(self.key, 0)
-        if n > 1:
-            self._held[self.key] = n - 1
-            return
-        self._held.pop(self.key, None)
-        if n and self._owner() == (os.getpid(), socket.gethostname()):
-            self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 # -------------------------------------------------------------------------------------- atomic writes
