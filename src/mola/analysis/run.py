@@ -191,7 +191,7 @@ def analyze_run(run_dir: str | Path, checkpoint: str = "best", eps: float = 0.99
         eval_loader = trainer.loaders[split] if split != "train" and split in trainer.loaders else _sample_loader(
             getattr(trainer.scenario, split), bs, max_train_samples, cfg.train.seed)
         eval_codes = collect_codes(model, eval_loader, trainer.device)
-        routing = routing_summary(train_codes, eval_codes, len(task_names), task_names)
+        routing = routing_summary(train_codes, eval_codes, len(task_names), task_names, enc.router_names)
         routing["split"] = split
         routing["twd_weight"] = enc.config.twd_weight
         proj, ratio = pca_2d(eval_codes["z"])
@@ -203,6 +203,13 @@ def analyze_run(run_dir: str | Path, checkpoint: str = "best", eps: float = 0.99
         tw = "with" if enc.config.twd_weight > 0 else "without"
         plots.plot_router_heatmap(mw, names, out / "router_weights.png",
                                   title=f"mean router weight per task ({split}, {tw} TwD)")
+        for i, rname in enumerate(routing.get("router_names", [])):  # router_sharing per_stage / per_layer
+            rmw = routing["router_mean_weights"][i] if routing["per_task"] else \
+                [routing["router_overall_mean_weights"][i]]
+            fname = f"router_weights_{i}.png"
+            plots.plot_router_heatmap(rmw, names, out / fname,
+                                      title=f"router {i} ({rname}): mean weight per task ({split}, {tw} TwD)")
+            summary["files"].append(fname)
         plots.plot_codes(proj, eval_codes["task_ids"], task_names, out / "router_codes.png",
                          title=f"router codes z, 2-D PCA ({split}, {tw} TwD)")
         summary["files"] += ["router_weights.png", "router_codes.png"]
