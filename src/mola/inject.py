@@ -38,21 +38,24 @@ class MoLAConfig:
     compute: Literal["auto", "merged", "lowrank", "reference"] = "auto"  # how task-id routing is computed (same result)
     target_modules: str | list[str] = "last_stage"  # last_stage, all_stages, "stages:1,3" or module names / "re:..."
     router_type: Literal["auto", "resnet", "mlp"] = "auto"  # auto: residual net if the model has a Conv2d, else MLP
-    router_input_size: int | Literal["auto"] | None = "auto"  # router's copy of the input resized to this side;
-    #: auto: to 32 px when the input is larger (the side the CIFAR-style router was built for); null: as is
+    #: resize the router's copy of the input to this side; auto: to 32 px only when the input is larger (the
+    #: side the CIFAR-style router was built for; cheap next to the backbone); null: as is
+    router_input_size: int | Literal["auto"] | None = "auto"
     router_width: int = 16  # width w of the residual router (its stages have w, 2w, 4w channels)
     router_blocks: int = 3  # basic blocks per stage of the residual router
     router_stem_stride: int = 1  # stride of the residual router's stem conv (2: its blocks see half the resolution)
-    router_sharing: Literal["shared", "per_stage", "per_layer"] = "shared"  # one router (and lift) for all MoLA
-    #: layers, one per backbone stage holding MoLA layers, or one per MoLA layer (router mode)
+    #: one router (and lift) for all MoLA layers, one per backbone stage holding MoLA layers, or one per MoLA
+    #: layer (router mode; TwD is the mean over routers)
+    router_sharing: Literal["shared", "per_stage", "per_layer"] = "shared"
     router_in_channels: int | None = None  # router input channels / features (null: read from the model)
     lift_dim: int = 32  # dimension d of the TwD code z
     lift_input: Literal["logits", "weights"] = "logits"  # the lift reads the router logits or softmax weights
     lift_hidden: int | None = None  # hidden width of a 2-layer MLP lift (null: one Linear)
     twd_weight: float = 0.1  # lambda: weight of the TwD loss (router mode)
     twd_tau: float = 1.0  # temperature tau of the TwD loss
-    task_to_expert: list[int] | None = None  # grad mode: adapter of each task, e.g. [0, 0, 1, 2] (tasks 0 and 1
-    #: share adapter 0); null: task t uses adapter t (E = T)
+    #: grad mode: the adapter of each task, e.g. [0, 0, 1, 2] (tasks 0 and 1 share adapter 0; E may then be < T);
+    #: null: task t uses adapter t (E = T)
+    task_to_expert: list[int] | None = None
 
     def __post_init__(self) -> None:
         checks = {"mode": ("grad", "router"), "layout": ("kernel", "factorized"),
