@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench_mola: {describe(bench.device)}")
     print(f"# batch={args.batch} size={args.size} tasks={args.tasks} rank={args.rank} layout={args.layout} "
           f"targets={args.targets} router: input_size={args.router_input_size} ({bench.router_side()}px) "
-          f"width={args.router_width} blocks={args.router_blocks} stem_stride={args.router_stem_stride} dtype={args.dtype} "
+          f"width={args.router_width} blocks={args.router_blocks} stem_stride={args.router_stem_stride} "
+          f"dtype={args.dtype} "
           f"channels_last={args.channels_last} compile={args.compile} steps={args.steps} warmup={args.warmup}")
     mem_kind = "torch.cuda.max_memory_allocated" if bench.device.type == "cuda" else "peak RSS delta"
     print(f"# step = forward + cross-entropy + backward + SGD; memory = {mem_kind} of the variant")

@@ -83,7 +83,8 @@ class MoLAConfig:
                                  "all adapters per input (set mode='grad' or drop task_to_expert)")
             if (not isinstance(t2e, (list, tuple)) or not t2e
                     or any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in t2e)):
-                raise ValueError(f"MoLAConfig.task_to_expert={t2e!r}; expected a non-empty list of adapter indices >= 0")
+                raise ValueError(f"MoLAConfig.task_to_expert={t2e!r}; expected a non-empty list of adapter "
+                                 "indices >= 0")
             if self.num_experts and max(t2e) >= self.num_experts:
                 raise ValueError(f"MoLAConfig.task_to_expert={list(t2e)} names adapter {max(t2e)} but num_experts="
                                  f"{self.num_experts} (adapters 0..{self.num_experts - 1})")
@@ -218,6 +219,7 @@ class MoLAModel(nn.Module):
         self.router = router  # one router, or an nn.ModuleList of one per group (router_sharing != shared)
         self.lift = lift  # likewise: one lift per router
         t2e = config.task_to_expert
+        self.task_to_expert_map: Tensor
         self.register_buffer("task_to_expert_map", torch.tensor(t2e if t2e is not None else [], dtype=torch.long),
                              persistent=False)
         groups = router_groups or {"shared": list(layers)}

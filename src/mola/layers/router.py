@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 AUTO_INPUT_SIZE = 32  # router_input_size "auto": the side the CIFAR-style router was designed for
 
 
