@@ -352,3 +352,21 @@ def test_router_options_through_the_run_config():
         load_config(None, ["model.mola.router_sharing=sometimes"])
     net = mola_net(tiny_scenario(3), copy.deepcopy(rc.model.mola))
     assert len(net.encoder.router_names) == 1  # small_cnn last stage only: one stage, one router
+
+
+def test_routing_summary_reports_each_router():
+    from mola.analysis.routing import routing_summary
+
+    rng = np.random.default_rng(0)
+    tasks = np.array([0, 0, 1, 1, 2, 2])
+    per = rng.dirichlet(np.ones(3), size=(2, 6))  # (R=2, N=6, E=3)
+    codes = {"z": rng.normal(size=(6, 4)), "task_ids": tasks, "weights": per.mean(0), "router_weights": per}
+    s = routing_summary(codes, codes, 3, ["a", "b", "c"], ["layer3", "layer4"])
+    assert s["router_names"] == ["layer3", "layer4"]
+    got = np.array(s["router_mean_weights"])
+    assert got.shape == (2, 3, 3)
+    for r in range(2):
+        for t in range(3):
+            np.testing.assert_allclose(got[r, t], per[r, tasks == t].mean(0))
+    one = routing_summary({**codes, "router_weights": per[:1]}, {**codes, "router_weights": per[:1]}, 3)
+    assert "router_names" not in one  # a single (shared) router adds nothing
