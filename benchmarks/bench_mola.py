@@ -131,10 +131,11 @@ class Bench:
         self.device = pick_device(args.device)
         self.x, self.y = images(args.batch, args.size, self.device, args.channels_last)
         self.ids = mixed_task_ids(args.batch, args.tasks, self.device)
+        defaults = mola.MoLAConfig()  # scripts reusing Bench (bench_scaling.py) may leave router options out
         self.router_opts: dict[str, object] = {
-            "router_input_size": args.router_input_size, "router_width": args.router_width,
-            "router_blocks": args.router_blocks, "router_stem_stride": args.router_stem_stride}
-        self.candidates = parse_candidates(args.router_candidates)
+            key: getattr(args, key, getattr(defaults, key))
+            for key in ("router_input_size", "router_width", "router_blocks", "router_stem_stride")}
+        self.candidates = parse_candidates(getattr(args, "router_candidates", ""))
 
     # -- builders ------------------------------------------------------------------------------------
     def _maybe_compile(self, model: nn.Module) -> Callable:
