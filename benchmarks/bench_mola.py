@@ -5,7 +5,9 @@ Rows (one process, same memory format and precision for every row):
   MoLA-Grad <layout>             task ids -> one merged weight per task present, one conv per task chunk
   MoLA-Router <layout>           full step: router + backbone with adapters + cross-entropy + 0.1 * TwD
     backbone+adapters            the same model fed fixed (B, E) mixing weights: the dense low-rank path only
-  router net alone               the shared router (input resized to --router-input-size), forward+backward
+  router net alone               the shared router (its input resized as --router-input-size says), fwd+bwd
+  ... [candidate]                with --router-candidates: the full router step (factorized) and the router net
+                                 alone for each router option set, e.g. the pre-0.x router "size=none"
   per-sample grouped conv        the released code's maths: one weight per sample and one grouped conv over the
                                  batch in every MoLA layer (MoLA-Grad routing, kernel layout)
 
@@ -13,6 +15,7 @@ A training step is forward + cross-entropy + backward + SGD step. Ratios are aga
 Examples:
   python benchmarks/bench_mola.py --smoke
   python benchmarks/bench_mola.py --batch 32 --size 64 --tasks 4 --rank 4 --steps 5
+  python benchmarks/bench_mola.py --variants router --router-candidates "size=none;size=32,blocks=2"
   python benchmarks/bench_mola.py --device cuda --batch 144 --size 224 --dtype bf16 --channels-last
 """
 
@@ -58,8 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--layout", choices=["kernel", "factorized", "both"], default="both")
     p.add_argument("--targets", choices=["last_stage", "all_stages"], default="last_stage")
-    p.add_argument("--router-input-size", type=int, default=64,
-                   help="side the router resizes its copy of the input to (no resize when >= --size)")
+    defaults = mola.MoLAConfig()
+    p.add_argument("--router-input-size", type=_size_arg, default=defaults.router_input_size,
+                   help="router_input_size: a side in pixels, auto or none (default: the MoLAConfig default)")
+    p.add_argument("--router-width", type=int, default=defaults.router_width)
+    p.add_argument("--router-blocks", type=int, default=defaults.router_blocks)
+    p.add_argument("--router-stem-stride", type=int, default=defaults.router_stem_stride, choices=[1, 2])
+    p.add_argument("--router-candidates", default="",
+                   help="';'-separated router option sets (keys size, width, blocks, stride), each measured as "
+                        "a full router step and router net row, e.g. 'size=none;size=32,blocks=2'")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = torch.autocast bfloat16")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true",
@@ -86,14 +96,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _size_arg(text: str) -> int | str | None:
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    return "auto" if low == "auto" else int(low)
+
+
+CANDIDATE_KEYS = {"size": "router_input_size", "width": "router_width", "blocks": "router_blocks",
+                  "stride": "router_stem_stride"}
+
+
+def parse_candidates(text: str) -> list[tuple[str, dict[str, object]]]:
+    """'size=none;size=32,blocks=2' -> [(label, MoLAConfig router options), ...]."""
+    out = []
+    for spec in (s.strip() for s in text.split(";")):
+        if not spec:
+            continue
+        opts: dict[str, object] = {}
+        for item in spec.split(","):
+            key, _, value = item.partition("=")
+            if key.strip() not in CANDIDATE_KEYS:
+                raise SystemExit(f"--router-candidates: unknown key {key.strip()!r} in {spec!r}; "
+                                 f"expected {sorted(CANDIDATE_KEYS)}")
+            name = CANDIDATE_KEYS[key.strip()]
+            opts[name] = _size_arg(value) if key.strip() == "size" else int(value)
+        out.append((spec, opts))
+    return out
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.device = pick_device(args.device)
         self.x, self.y = images(args.batch, args.size, self.device, args.channels_last)
         self.ids = mixed_task_ids(args.batch, args.tasks, self.device)
-        size = args.router_input_size
-        self.router_size = size if size and size < args.size else None
+        defaults = mola.MoLAConfig()  # scripts reusing Bench (bench_scaling.py) may leave router options out
+        self.router_opts: dict[str, object] = {
+            key: getattr(args, key, getattr(defaults, key))
+            for key in ("router_input_size", "router_width", "router_blocks", "router_stem_stride")}
+        self.candidates = parse_candidates(getattr(args, "router_candidates", ""))
 
     # -- builders ------------------------------------------------------------------------------------
     def _maybe_compile(self, model: nn.Module) -> Callable:
@@ -108,10 +150,17 @@ class Bench:
                 Bench._template = torchvision.models.resnet18(num_classes=NUM_CLASSES)
         return copy.deepcopy(Bench._template)
 
-    def mola_model(self, mode: str, layout: str) -> mola.MoLAModel:
+    def router_side(self, opts: dict[str, object] | None = None) -> int:
+        """The side the router's copy of the benchmark input has."""
+        o = {**self.router_opts, **(opts or {})}
+        router = mola.layers.Router(3, 1, input_size=o["router_input_size"])  # type: ignore[arg-type]
+        return router.resolved_input_size((self.args.size, self.args.size)) or self.args.size
+
+    def mola_model(self, mode: str, layout: str, opts: dict[str, object] | None = None) -> mola.MoLAModel:
         a = self.args
+        router_opts = {**self.router_opts, **(opts or {})}
         cfg = mola.MoLAConfig(mode=mode, num_experts=a.tasks, rank=a.rank, layout=layout, target_modules=a.targets,
-                              router_input_size=self.router_size)
+                              **router_opts)  # type: ignore[arg-type]
         with seeded(1):
             model = mola.inject(self.backbone(), cfg)
         randomize_adapters(model)
@@ -134,8 +183,8 @@ class Bench:
         fn = self._maybe_compile(model)
         return self._step(lambda: fn(self.x, task_ids=self.ids), list(model.parameters()))
 
-    def build_router_full(self, layout: str) -> Callable:
-        model = self.mola_model("router", layout)
+    def build_router_full(self, layout: str, opts: dict[str, object] | None = None) -> Callable:
+        model = self.mola_model("router", layout, opts)
         fn = self._maybe_compile(model)
         lam = model.config.twd_weight
         return self._step(lambda: fn(self.x, task_ids=self.ids), list(model.parameters()),
@@ -154,8 +203,8 @@ class Bench:
 
         return self._step(forward, list(model.model.parameters()))
 
-    def build_router_net(self) -> Callable:
-        model = self.mola_model("router", "factorized")
+    def build_router_net(self, opts: dict[str, object] | None = None) -> Callable:
+        model = self.mola_model("router", "factorized", opts)
         router = model.router
         assert router is not None
         del model
@@ -194,8 +243,14 @@ class Bench:
                                  "router + backbone + CE + 0.1*TwD"))
                 v.append(Variant(f"  backbone+adapters {lay}", lambda lay=lay: self.build_router_backbone(lay),
                                  "fixed (B,E) weights, dense path"))
-            v.append(Variant(f"router net alone ({self.router_size or a.size}px)", self.build_router_net,
+            v.append(Variant(f"router net alone ({self.router_side()}px)", self.build_router_net,
                              "forward+backward of the shared router"))
+            for label, opts in self.candidates:
+                v.append(Variant(f"MoLA-Router factorized [{label}]",
+                                 lambda opts=opts: self.build_router_full("factorized", opts),
+                                 f"full step, router at {self.router_side(opts)}px"))
+                v.append(Variant(f"  router net alone [{label}]", lambda opts=opts: self.build_router_net(opts),
+                                 "forward+backward of that router"))
         base_layout = "kernel" if "kernel" in layouts else layouts[0]
         if "baseline" in wanted:
             v.append(Variant(f"per-sample grouped conv ({base_layout})",
@@ -222,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args)
     print(f"# bench_mola: {describe(bench.device)}")
     print(f"# batch={args.batch} size={args.size} tasks={args.tasks} rank={args.rank} layout={args.layout} "
-          f"targets={args.targets} router_input_size={bench.router_size or args.size} dtype={args.dtype} "
+          f"targets={args.targets} router: input_size={args.router_input_size} ({bench.router_side()}px) "
+          f"width={args.router_width} blocks={args.router_blocks} stem_stride={args.router_stem_stride} "
+          f"dtype={args.dtype} "
           f"channels_last={args.channels_last} compile={args.compile} steps={args.steps} warmup={args.warmup}")
     mem_kind = "torch.cuda.max_memory_allocated" if bench.device.type == "cuda" else "peak RSS delta"
     print(f"# step = forward + cross-entropy + backward + SGD; memory = {mem_kind} of the variant")

@@ -21,8 +21,10 @@ import copy
 import sys
 
 import torch
-from bench_mola import Bench
+from bench_mola import Bench, _size_arg
 from benchlib import Result, Variant, describe, markdown_table, pick_device, ratio, run_variants
+
+import mola
 
 
 def int_list(text: str) -> list[int]:
@@ -43,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=4, help="rank of tables 1, 3 and 4")
     p.add_argument("--layout", choices=["kernel", "factorized"], default="kernel")
     p.add_argument("--targets", choices=["last_stage", "all_stages"], default="last_stage")
-    p.add_argument("--router-input-size", type=int, default=64)
+    p.add_argument("--router-input-size", type=_size_arg, default=mola.MoLAConfig().router_input_size,
+                   help="router_input_size: a side in pixels, auto or none (default: the MoLAConfig default)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")

@@ -109,10 +109,11 @@ def test_report_refuses_to_pool_runs_with_different_configs(tmp_path: Path) -> N
     _run(root / "g-s1", "hps", 1, {"a": 0.8}, model__mola__rank=8)
     with pytest.raises(ValueError, match=r"configs differ other than by seed.*model\.mola\.rank: 4 vs 8"):
         write_report([root], tmp_path / "rep")
-    # cosmetic keys (device, progress, out_dir) and the seed may differ
+    # cosmetic keys (device, progress, out_dir), the seed, and a relative vs absolute data.root may differ
     ok = tmp_path / "ok"
     _run(ok / "s0", "hps", 0, {"a": 0.8}, train__device="cpu", train__progress=False)
-    _run(ok / "s1", "hps", 1, {"a": 0.7}, train__device="cuda", out_dir="elsewhere")
+    _run(ok / "s1", "hps", 1, {"a": 0.7}, train__device="cuda", out_dir="elsewhere",
+         data__root=str(Path("data/med").resolve()))
     (table,), _ = write_report([ok], tmp_path / "rep_ok")
     assert len(table.rows) == 1 and table.rows[0].mean("a") == pytest.approx(0.75)
 

@@ -92,7 +92,8 @@ def _mola_encoder_and_head(model: nn.Module, task: int,
     if not isinstance(encoder, MoLAModel) or not (encoder is model or isinstance(model, MultiTaskModel)):
         raise ValueError(f"export needs a MoLAModel or a MoLA architecture (model.arch=mola), got "
                          f"{type(model).__name__}")
-    if weights is None and isinstance(model, MultiTaskModel) and encoder.num_experts != model.num_tasks:
+    mapped = encoder.config.task_to_expert is not None  # merge(t) folds in task t's (shared) adapter
+    if weights is None and isinstance(model, MultiTaskModel) and encoder.num_experts != model.num_tasks and not mapped:
         raise ValueError(f"the model has {encoder.num_experts} adapters for {model.num_tasks} tasks: adapter t is "
                          "not task t's; pass the mixing weights to fold in (weights=...)")
     if weights is not None and tuple(weights.shape) != (encoder.num_experts,):
@@ -247,6 +248,9 @@ def peft_adapter(model: nn.Module, task: int | str,
     encoder = find_mola(model)
     if weights is not None and tuple(weights.shape) != (encoder.num_experts,):
         raise ValueError(f"weights must have shape ({encoder.num_experts},), got {tuple(weights.shape)}")
+    t2e = encoder.config.task_to_expert
+    if weights is None and t2e is not None and t < len(t2e):
+        t = t2e[t]  # the adapter task t shares with others
     if weights is None and t >= encoder.num_experts:
         raise ValueError(f"task {t} has no adapter of its own ({encoder.num_experts} adapters); pass weights")
     mult = 1 if weights is None else encoder.num_experts

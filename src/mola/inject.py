@@ -41,22 +41,55 @@ class MoLAConfig:
     compute: Literal["auto", "merged", "lowrank", "reference"] = "auto"  # how task-id routing is computed (same result)
     target_modules: str | list[str] = "last_stage"  # last_stage, all_stages, "stages:1,3" or module names / "re:..."
     router_type: Literal["auto", "resnet", "mlp"] = "auto"  # auto: residual net if the model has a Conv2d, else MLP
-    router_input_size: int | None = None  # resize the router's copy of the input to this side (null: as is)
+    #: resize the router's copy of the input to this side; auto: to 32 px only when the input is larger (the
+    #: side the CIFAR-style router was built for; cheap next to the backbone); null: as is
+    router_input_size: int | Literal["auto"] | None = "auto"
+    router_width: int = 16  # width w of the residual router (its stages have w, 2w, 4w channels)
+    router_blocks: int = 3  # basic blocks per stage of the residual router
+    #: stride of the residual router's stem conv: 2 (default) lets its blocks work at half the resolution, which
+    #: makes the router ~0.1x a ResNet-18 step at 64 px (1: the paper's router, ~4x the cost)
+    router_stem_stride: int = 2
+    #: one router (and lift) for all MoLA layers, one per backbone stage holding MoLA layers, or one per MoLA
+    #: layer (router mode; TwD is the mean over routers)
+    router_sharing: Literal["shared", "per_stage", "per_layer"] = "shared"
     router_in_channels: int | None = None  # router input channels / features (null: read from the model)
     lift_dim: int = 32  # dimension d of the TwD code z
     lift_input: Literal["logits", "weights"] = "logits"  # the lift reads the router logits or softmax weights
     lift_hidden: int | None = None  # hidden width of a 2-layer MLP lift (null: one Linear)
     twd_weight: float = 0.1  # lambda: weight of the TwD loss (router mode)
     twd_tau: float = 1.0  # temperature tau of the TwD loss
+    #: grad mode: the adapter of each task, e.g. [0, 0, 1, 2] (tasks 0 and 1 share adapter 0; E may then be < T);
+    #: null: task t uses adapter t (E = T)
+    task_to_expert: list[int] | None = None
 
     def __post_init__(self) -> None:
         checks = {"mode": ("grad", "router"), "layout": ("kernel", "factorized"),
                   "compute": ("auto", "merged", "lowrank", "reference"),
-                  "router_type": ("auto", "resnet", "mlp"), "lift_input": ("logits", "weights")}
+                  "router_type": ("auto", "resnet", "mlp"), "lift_input": ("logits", "weights"),
+                  "router_sharing": ("shared", "per_stage", "per_layer"), "router_stem_stride": (1, 2)}
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"MoLAConfig.{key}={getattr(self, key)!r}; expected one of {list(allowed)}")
         check_mola_values(self)
+        size = self.router_input_size
+        if size != "auto" and size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"MoLAConfig.router_input_size={size!r}; expected a positive int, 'auto' or None")
+        for key in ("router_width", "router_blocks"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MoLAConfig.{key}={value!r}; expected a positive int")
+        t2e = self.task_to_expert
+        if t2e is not None:
+            if self.mode != "grad":
+                raise ValueError("MoLAConfig.task_to_expert maps tasks to adapters in grad mode; router mode mixes "
+                                 "all adapters per input (set mode='grad' or drop task_to_expert)")
+            if (not isinstance(t2e, (list, tuple)) or not t2e
+                    or any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in t2e)):
+                raise ValueError(f"MoLAConfig.task_to_expert={t2e!r}; expected a non-empty list of adapter "
+                                 "indices >= 0")
+            if self.num_experts and max(t2e) >= self.num_experts:
+                raise ValueError(f"MoLAConfig.task_to_expert={list(t2e)} names adapter {max(t2e)} but num_experts="
+                                 f"{self.num_experts} (adapters 0..{self.num_experts - 1})")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MoLAConfig:
@@ -256,28 +289,65 @@ class MoLAModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, config: MoLAConfig, layers: dict[str, MoLALayer],
-                 router: nn.Module | None, lift: Lift | None) -> None:
+                 router: nn.Module | None, lift: nn.Module | None,
+                 router_groups: dict[str, list[str]] | None = None) -> None:
         super().__init__()
         self.model = model
         self.config = config
         self.layer_names = list(layers)
-        self.router = router
-        self.lift = lift
-        self.routing = Routing(config.num_experts)
-        for layer in layers.values():
-            layer.routing = self.routing
+        self.router = router  # one router, or an nn.ModuleList of one per group (router_sharing != shared)
+        self.lift = lift  # likewise: one lift per router
+        t2e = config.task_to_expert
+        self.task_to_expert_map: Tensor
+        self.register_buffer("task_to_expert_map", torch.tensor(t2e if t2e is not None else [], dtype=torch.long),
+                             persistent=False)
+        groups = router_groups or {"shared": list(layers)}
+        self.router_names = list(groups)
+        self.routings = [Routing(config.num_experts) for _ in groups]
+        self.routing = self.routings[0]
+        for routing, names in zip(self.routings, groups.values(), strict=True):
+            for n in names:
+                layers[n].routing = routing
 
     @property
     def num_experts(self) -> int:
         return self.config.num_experts
+
+    def router_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(router, lift) of each router group, in ``router_names`` order; empty in grad mode."""
+        if self.router is None or self.lift is None:
+            return []
+        if isinstance(self.router, nn.ModuleList):
+            return list(zip(self.router, cast(nn.ModuleList, self.lift), strict=True))
+        return [(self.router, self.lift)]
+
+    def routing_weights(self) -> Tensor:
+        """(B, E) mixing weights of the last forward: the mean over routers (one router: its weights)."""
+        ws = [r.weights for r in self.routings]
+        if any(w is None for w in ws):
+            raise ValueError("no mixing weights: call the model in router mode (or with weights=) first")
+        return ws[0] if len(ws) == 1 else torch.stack(ws).mean(0)  # type: ignore[arg-type,return-value]
+
+    def routing_code(self) -> Tensor:
+        """(B, d) code z of the last forward for task inference; with several routers the concatenation of
+        their L2-normalised codes (R*d), so every router counts equally."""
+        zs = [r.z for r in self.routings]
+        if any(z is None for z in zs):
+            raise ValueError("no router codes: call the model in router mode first")
+        if len(zs) == 1:
+            return zs[0]  # type: ignore[return-value]
+        return torch.cat([torch.nn.functional.normalize(z, dim=1) for z in zs], dim=1)  # type: ignore[arg-type]
 
     def mola_layers(self) -> dict[str, MoLALayer]:
         return {n: self.model.get_submodule(n) for n in self.layer_names}  # type: ignore[misc]
 
     # -- routing --------------------------------------------------------------------------------------
     def _check_task_ids(self, task_ids: Any, batch: int, bounded: bool) -> Tensor:
-        top = self.num_experts if bounded else None
-        return check_task_ids(task_ids, batch, 0, top, f" (num_experts={self.num_experts})").long()
+        t2e = self.config.task_to_expert
+        top = (len(t2e) if t2e is not None else self.num_experts) if bounded else None
+        what = f" (task_to_expert has {top} tasks)" if t2e is not None and bounded else \
+            f" (num_experts={self.num_experts})"
+        return check_task_ids(task_ids, batch, 0, top, what).long()
 
     def set_routing(self, x: Any, task_ids: Tensor | None = None, weights: Tensor | None = None,
                     groups: tuple[Tensor, list[int]] | None = None, checked: bool = False) -> None:
@@ -297,21 +367,26 @@ class MoLAModel(nn.Module):
                 raise ValueError(f"weights must have shape ({batch}, {self.num_experts}), got {shape}")
             if not weights.dtype.is_floating_point:
                 raise ValueError(f"weights must be a floating tensor, got {weights.dtype}")
-            self.routing.set_weights(weights, task_ids)
+            for routing in self.routings:
+                routing.set_weights(weights, task_ids)
             return
         if grad:
             if task_ids is None:
                 raise ValueError("MoLA-Grad needs task_ids: call model(x, task_ids=...) with a (B,) int tensor")
+            if self.config.task_to_expert is not None:
+                task_ids = self.task_to_expert_map.to(task_ids.device)[task_ids]  # several tasks, one adapter
+                groups = None  # the caller grouped the task ids, not the adapters
             self.routing.set_task_ids(task_ids, groups)
             return
         assert self.router is not None and self.lift is not None
-        logits = self.router(x)
-        # softmax in at least float32 (half logits are upcast; float64 must not be downcast)
-        w = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-        w = w.to(logits.dtype)
-        self.routing.set_weights(w, task_ids)
-        self.routing.logits = logits
-        self.routing.z = self.lift(logits if self.config.lift_input == "logits" else w)
+        for (router, lift), routing in zip(self.router_pairs(), self.routings, strict=True):
+            logits = router(x)
+            # softmax in at least float32 (half logits are upcast; float64 must not be downcast)
+            w = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+            w = w.to(logits.dtype)
+            routing.set_weights(w, task_ids)
+            routing.logits = logits
+            routing.z = lift(logits if self.config.lift_input == "logits" else w)
 
     def forward(self, x: Any, *args: Any, task_ids: Tensor | None = None, weights: Tensor | None = None,
                 groups: tuple[Tensor, list[int]] | None = None, checked: bool = False, **kwargs: Any) -> Any:
@@ -319,17 +394,21 @@ class MoLAModel(nn.Module):
         return self.model(x, *args, **kwargs)
 
     def twd_loss(self, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-        """TwD loss of the last forward's codes and task ids (router mode); ``gather`` (an autograd-aware
-        all-gather of rows, under DDP) makes it the loss of every process's codes together."""
+        """TwD loss of the last forward's codes and task ids (router mode; several routers: the mean of their
+        losses); ``gather`` (an autograd-aware all-gather of rows, under DDP) makes it the loss of every
+        process's codes together."""
         r = self.routing
         if r.z is None:
             raise ValueError("twd_loss needs router codes: use mode='router' and let the router route")
         if r.task_ids is None:
             raise ValueError("twd_loss needs task ids: pass task_ids to forward in router mode")
-        z, task_ids = r.z, r.task_ids
-        if gather is not None:
-            z, task_ids = gather(z), gather(task_ids)
-        return twd_loss(z, task_ids, self.config.twd_tau)
+        task_ids = gather(r.task_ids) if gather is not None else r.task_ids
+        losses = []
+        for routing in self.routings:  # every router's code gets its own TwD term; the loss is their mean
+            assert routing.z is not None
+            z = gather(routing.z) if gather is not None else routing.z
+            losses.append(twd_loss(z, task_ids, self.config.twd_tau))
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     # -- parameters -----------------------------------------------------------------------------------
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
@@ -418,12 +497,17 @@ class MoLAModel(nn.Module):
 
     # -- deployment -----------------------------------------------------------------------------------
     def merge(self, task_id: int) -> nn.Module:
-        """A plain copy of the wrapped model with W0 + s*dW_t folded in; this MoLA model is left unchanged."""
+        """A plain copy of the wrapped model with W0 + s*dW_t folded in (t: the task's adapter under
+        ``task_to_expert``); this MoLA model is left unchanged."""
         if isinstance(task_id, bool) or not isinstance(task_id, (int, np.integer)):
             raise ValueError(f"task id must be an int, got {type(task_id).__name__}")
         task_id = int(task_id)
-        if not 0 <= task_id < self.num_experts:
-            raise ValueError(f"task id {task_id!r} out of range [0, {self.num_experts})")
+        t2e = self.config.task_to_expert
+        top = len(t2e) if t2e is not None else self.num_experts
+        if not 0 <= task_id < top:
+            raise ValueError(f"task id {task_id!r} out of range [0, {top})")
+        if t2e is not None:
+            task_id = t2e[task_id]  # the adapter this task shares
         layers = self.mola_layers()
         merged: dict[str, nn.Module] = {}
         with torch.no_grad():
@@ -473,7 +557,9 @@ def build_router(model: nn.Module, config: MoLAConfig) -> nn.Module:
         cin = config.router_in_channels or (conv.in_channels if conv is not None else None)
         if cin is None:
             raise ValueError("router_type='resnet' needs router_in_channels: the model has no Conv2d to read it from")
-        return Router(cin, config.num_experts, input_size=config.router_input_size)
+        w = config.router_width
+        return Router(cin, config.num_experts, widths=(w, 2 * w, 4 * w), blocks=config.router_blocks,
+                      input_size=config.router_input_size, stem_stride=config.router_stem_stride)
     lin = _first(model, nn.Linear)
     fin = config.router_in_channels or (lin.in_features if lin is not None else None)
     if fin is None:
@@ -486,6 +572,29 @@ def find_mola_model(model: nn.Module) -> MoLAModel | None:
     if isinstance(model, MoLAModel):
         return model
     return next((m for m in model.modules() if isinstance(m, MoLAModel)), None)
+
+
+def router_groups(model: nn.Module, names: list[str], sharing: str) -> dict[str, list[str]]:
+    """{router name: the MoLA layers it routes}: one group for all layers ("shared"), one per backbone stage
+    holding MoLA layers ("per_stage", stages as the target presets see them) or one per layer ("per_layer")."""
+    if sharing == "shared":
+        return {"shared": list(names)}
+    if sharing == "per_layer":
+        return {n: [n] for n in names}
+    if sharing != "per_stage":
+        raise ValueError(f"router_sharing={sharing!r}; expected one of ['shared', 'per_stage', 'per_layer']")
+    try:
+        prefixes, _ = find_stages(model)
+    except ValueError as err:
+        raise ValueError(f"router_sharing='per_stage' needs the model's stages: {err}") from err
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        stage = next((p for p in prefixes if n == p or n.startswith(p + ".")), None)
+        if stage is None:
+            raise ValueError(f"router_sharing='per_stage': MoLA layer {n!r} is in no backbone stage {prefixes}; "
+                             "use router_sharing 'shared' or 'per_layer'")
+        groups.setdefault(stage, []).append(n)
+    return groups
 
 
 def inject(model: nn.Module, config: MoLAConfig, *, max_adapter_gb: float | None = MAX_ADAPTER_GB) -> MoLAModel:
@@ -523,17 +632,23 @@ def inject(model: nn.Module, config: MoLAConfig, *, max_adapter_gb: float | None
                             else MoLALinear(cast(nn.Linear, base), **kw))
         _set_submodule(model, n, layer)
         layers[n] = layer
-    router = lift = None
+    router: nn.Module | None = None
+    lift: nn.Module | None = None
+    groups = None
     if config.mode == "router":
-        router = build_router(model, config)
-        lift = Lift(config.num_experts, config.lift_dim, config.lift_hidden)
+        groups = router_groups(model, names, config.router_sharing)
+        pairs = [(build_router(model, config), Lift(config.num_experts, config.lift_dim, config.lift_hidden))
+                 for _ in groups]
+        if config.router_sharing == "shared":
+            router, lift = pairs[0]
+        else:
+            router, lift = nn.ModuleList(r for r, _ in pairs), nn.ModuleList(lf for _, lf in pairs)
         p = next((q for q in model.parameters() if q.is_floating_point()), None)
         if p is not None:  # router and lift follow the model's device and dtype (a float64 model stays float64)
             router.to(device=p.device, dtype=p.dtype)
             lift.to(device=p.device, dtype=p.dtype)
-    return MoLAModel(model, config, layers, router, lift)
+    return MoLAModel(model, config, layers, router, lift, groups)
 
 
 __all__ = ["MoLAConfig", "MoLAModel", "RankTooLargeError", "build_router", "find_mola_model", "find_stages", "inject",
-           "pattern_matches",
-           "resolve_targets"]
+           "pattern_matches", "resolve_targets", "router_groups"]

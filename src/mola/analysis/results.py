@@ -70,9 +70,12 @@ def read_config(path: Path) -> dict[str, Any] | None:
         return None
     try:
         data = yaml.safe_load(cfg.read_text()) or {}
-        return from_dict(RunConfig, data).to_dict()
+        out = from_dict(RunConfig, data).to_dict()
     except (yaml.YAMLError, ValueError, TypeError) as err:
         raise ValueError(f"{cfg} is not a valid mola run config: {err}") from err
+    if out["data"].get("root"):  # runs store it relative (older) or absolute: compare them as absolute paths
+        out["data"]["root"] = os.path.normpath(os.path.abspath(out["data"]["root"]))
+    return out
 
 
 def read_run_result(path: str | Path, split: str = "test", checkpoint: str = "best") -> RunResult:

@@ -38,13 +38,14 @@ def sample_loader(dataset: Any, batch_size: int, seed: int, max_samples: int | N
 @torch.no_grad()
 def collect_codes(model: nn.Module, loader: Iterable[Any], device: torch.device | str | None = None,
                   max_samples: int | None = None) -> dict[str, np.ndarray]:
-    """Run only router + lift over ``loader`` ((x, target, task_id) batches): weights (N, E), z (N, d), tasks (N,)."""
+    """Run only routers + lifts over ``loader`` ((x, target, task_id) batches): weights (N, E) and code z (N, d)
+    (several routers: mean weights, concatenated normalised codes), tasks (N,), router_weights (R, N, E)."""
     enc = _router_model(model)
     if device is None:
         device = next(enc.router.parameters()).device
     was_training = model.training
     model.eval()
-    ws, zs, ts = [], [], []
+    ws, zs, ts, per = [], [], [], []
     n = 0
     try:
         for batch in loader:
@@ -52,9 +53,9 @@ def collect_codes(model: nn.Module, loader: Iterable[Any], device: torch.device 
             if not isinstance(x, Tensor):
                 raise ValueError(f"routing analysis expects tensor inputs, got {type(x).__name__}")
             enc.set_routing(x.to(device))
-            r = enc.routing
-            ws.append(r.weights.float().cpu())
-            zs.append(r.z.float().cpu())
+            ws.append(enc.routing_weights().float().cpu())
+            zs.append(enc.routing_code().float().cpu())
+            per.append(torch.stack([r.weights for r in enc.routings]).float().cpu())
             ts.append(torch.as_tensor(t).long().reshape(-1).cpu())
             n += x.shape[0]
             if max_samples is not None and n >= max_samples:
@@ -63,9 +64,10 @@ def collect_codes(model: nn.Module, loader: Iterable[Any], device: torch.device 
         model.train(was_training)
     if not ws:
         raise ValueError("routing analysis got an empty loader")
-    out = {"weights": torch.cat(ws).numpy(), "z": torch.cat(zs).numpy(), "task_ids": torch.cat(ts).numpy()}
+    out = {"weights": torch.cat(ws).numpy(), "z": torch.cat(zs).numpy(), "task_ids": torch.cat(ts).numpy(),
+           "router_weights": torch.cat(per, dim=1).numpy()}
     if max_samples is not None:
-        out = {k: v[:max_samples] for k, v in out.items()}
+        out = {k: (v[:, :max_samples] if k == "router_weights" else v[:max_samples]) for k, v in out.items()}
     return out
 
 
@@ -143,8 +145,9 @@ def pca_2d(codes: np.ndarray, normalize: bool = True) -> tuple[np.ndarray, list[
 
 
 def routing_summary(train: dict[str, np.ndarray], evals: dict[str, np.ndarray], num_tasks: int,
-                    task_names: list[str] | None = None) -> dict[str, Any]:
-    """Numbers of Fig. 6 from codes of the train split (centroids) and an eval split (everything else).
+                    task_names: list[str] | None = None, router_names: list[str] | None = None) -> dict[str, Any]:
+    """Numbers of Fig. 6 from codes of the train split (centroids) and an eval split (everything else); with
+    several routers also each router's mean weights (``router_mean_weights``, in ``router_names`` order).
 
     Single-input scenarios (task id -1 on every sample) get only the overall mean weights.
     """
@@ -158,6 +161,10 @@ def routing_summary(train: dict[str, np.ndarray], evals: dict[str, np.ndarray], 
         "mean_weight_entropy": float(ent.mean()), "max_entropy": float(math.log(w.shape[1])),
         "codes": "z / ||z|| (as the TwD loss sees them)",
     }
+    per_router = evals.get("router_weights")
+    if per_router is not None and len(per_router) > 1:
+        out["router_names"] = list(router_names or [str(i) for i in range(len(per_router))])
+        out["router_overall_mean_weights"] = [rw.mean(axis=0).tolist() for rw in per_router]
     if (t < 0).all():
         out["per_task"] = False
         out["note"] = "single-input scenario: every sample carries every task, no per-task routing statistics"
@@ -172,6 +179,9 @@ def routing_summary(train: dict[str, np.ndarray], evals: dict[str, np.ndarray], 
         "silhouette": silhouette(evals["z"], t),
         "eval_counts": counts.tolist(),
     })
+    if "router_names" in out:
+        out["router_mean_weights"] = [[[None if np.isnan(v) else float(v) for v in row]
+                                       for row in mean_weights_per_task(rw, t, num_tasks)] for rw in per_router]
     return out
 
 

@@ -133,7 +133,7 @@ def analyze_run(run_dir: str | Path, checkpoint: str = "best", eps: float = 0.99
         eval_set = getattr(run.scenario, split)
         eval_loader = sample_loader(eval_set, bs, cfg.train.seed, max_train_samples if split == "train" else None)
         eval_codes = collect_codes(model, progress_bar(eval_loader, f"codes ({split})", progress), device)
-        routing = routing_summary(train_codes, eval_codes, len(task_names), task_names)
+        routing = routing_summary(train_codes, eval_codes, len(task_names), task_names, enc.router_names)
         routing["split"] = split
         routing["twd_weight"] = enc.config.twd_weight
         proj, ratio = pca_2d(eval_codes["z"])
@@ -145,6 +145,13 @@ def analyze_run(run_dir: str | Path, checkpoint: str = "best", eps: float = 0.99
         tw = "with" if enc.config.twd_weight > 0 else "without"
         plots.plot_router_heatmap(mw, names, out / "router_weights.png",
                                   title=f"mean router weight per task ({split}, {tw} TwD)")
+        for i, rname in enumerate(routing.get("router_names", [])):  # router_sharing per_stage / per_layer
+            rmw = routing["router_mean_weights"][i] if routing["per_task"] else \
+                [routing["router_overall_mean_weights"][i]]
+            fname = f"router_weights_{i}.png"
+            plots.plot_router_heatmap(rmw, names, out / fname,
+                                      title=f"router {i} ({rname}): mean weight per task ({split}, {tw} TwD)")
+            summary["files"].append(fname)
         plots.plot_codes(proj, eval_codes["task_ids"], task_names, out / "router_codes.png",
                          title=f"router codes z, 2-D PCA ({split}, {tw} TwD)")
         summary["files"] += ["router_weights.png", "router_codes.png"]

@@ -103,7 +103,7 @@ def predict_images(run: str | os.PathLike[str], images: str | os.PathLike[str], 
             inferred = conf = None
             if cents is not None:
                 enc.set_routing(x)
-                inferred, conf = cents.infer(enc.routing.z)
+                inferred, conf = cents.infer(enc.routing_code())
             ids = torch.full((len(chunk),), tid, dtype=torch.long) if tid is not None else \
                 torch.as_tensor(inferred, dtype=torch.long)
             ids = ids.to(device)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+AUTO_INPUT_SIZE = 32  # router_input_size "auto": the side the CIFAR-style router was designed for
+
 
 class BasicBlock(nn.Module):
     """CIFAR-style residual block: two 3x3 conv-BN, ReLU, 1x1 conv-BN shortcut when shape changes."""
@@ -30,7 +32,8 @@ class Router(nn.Module):
     """Small CIFAR-style residual net: stem + 3 stages x ``blocks`` basic blocks, pool, Linear -> E logits.
 
     ``input_size`` resizes the router's copy of the input (bilinear) so the router stays cheap next to the
-    backbone; None keeps the input size.
+    backbone; None keeps the input size; "auto" resizes to ``AUTO_INPUT_SIZE`` only inputs with a larger side.
+    ``stem_stride`` 2 halves the resolution the blocks work at.
     """
 
     def __init__(
@@ -39,13 +42,17 @@ class Router(nn.Module):
         num_experts: int,
         widths: tuple[int, int, int] = (16, 32, 64),
         blocks: int = 3,
-        input_size: int | None = None,
+        input_size: int | str | None = None,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
+        if blocks < 1 or stem_stride not in (1, 2) or min(widths) < 1:
+            raise ValueError(f"Router: blocks must be >= 1, stem_stride 1 or 2 and widths >= 1, got blocks={blocks}, "
+                             f"stem_stride={stem_stride}, widths={widths}")
         self.input_size = input_size
         self.in_channels = in_channels
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+            nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
         )
         layers: list[nn.Module] = []
         cin = widths[0]
@@ -56,14 +63,21 @@ class Router(nn.Module):
         self.stages = nn.Sequential(*layers)
         self.fc = nn.Linear(cin, num_experts)
 
+    def resolved_input_size(self, hw: tuple[int, ...]) -> int | None:
+        """The side the router resizes an input of spatial size ``hw`` to (None: no resize)."""
+        if self.input_size == "auto":
+            return AUTO_INPUT_SIZE if max(hw) > AUTO_INPUT_SIZE else None
+        return self.input_size  # type: ignore[return-value]
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"Router expects images (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}; "
                 "set router_in_channels or router_type='mlp' for other inputs"
             )
-        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        size = self.resolved_input_size(tuple(x.shape[-2:]))
+        if size is not None and tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         h = self.stages(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
 

@@ -21,7 +21,8 @@ class MoLAOptions:
 
 @ARCHS.register("mola")
 class MoLANet(MultiTaskModel):
-    """MoLA-Grad / MoLA-Router (method.md §3-4). E defaults to the number of tasks.
+    """MoLA-Grad / MoLA-Router (method.md §3-4). E defaults to the number of tasks (with ``task_to_expert``:
+    the number of adapters it names). Router mode takes any E; grad mode needs E = T or ``task_to_expert``.
 
     Single-input tasks in grad mode run the encoder once per task (the batch repeated T times with ids
     0..T-1), so every task's adapter is trained on its own head's loss (method.md §3).
@@ -34,10 +35,16 @@ class MoLANet(MultiTaskModel):
         super().__init__(tasks, heterogeneity, shared_head, input_shape)
         parse_options(MoLAOptions, cfg.options, "mola")
         mcfg = cfg.mola
+        t2e = mcfg.task_to_expert
+        if t2e is not None and len(t2e) != len(tasks):
+            raise ValueError(f"model.mola.task_to_expert={list(t2e)} has {len(t2e)} entries for {len(tasks)} tasks "
+                             f"({', '.join(t.name for t in tasks)}): give one adapter index per task")
         if mcfg.num_experts == 0:
-            mcfg = dataclasses.replace(mcfg, num_experts=len(tasks))
-        if mcfg.mode == "grad" and mcfg.num_experts != len(tasks):
-            raise ValueError(f"MoLA-Grad needs num_experts = number of tasks ({len(tasks)}), got {mcfg.num_experts}")
+            mcfg = dataclasses.replace(mcfg, num_experts=max(t2e) + 1 if t2e is not None else len(tasks))
+        if mcfg.mode == "grad" and mcfg.num_experts != len(tasks) and t2e is None:
+            raise ValueError(f"MoLA-Grad needs num_experts = number of tasks ({len(tasks)}), got {mcfg.num_experts}: "
+                             "a task id picks its adapter; set model.mola.task_to_expert (one adapter index per "
+                             "task, e.g. [0, 0, 1]) to share adapters between tasks, or use mode router")
         self.mola_config = mcfg
         # grad mode: adapter t sees task t only (task-specific); router mode: every sample mixes every adapter,
         # so the adapters are shared and gradient methods combine their per-task gradients
