@@ -132,7 +132,8 @@ def check_mola_values(cfg: MoLAConfig) -> None:
         raise bad("twd_tau", cfg.twd_tau, "a number > 0")
     integer("lift_dim", cfg.lift_dim, 1)
     integer("lift_hidden", cfg.lift_hidden, 1, optional=True)
-    integer("router_input_size", cfg.router_input_size, 1, optional=True)
+    if cfg.router_input_size != "auto":
+        integer("router_input_size", cfg.router_input_size, 1, optional=True)
     integer("router_in_channels", cfg.router_in_channels, 1, optional=True)
 
 
