@@ -9,10 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mola.config_utils import from_dict
-from mola.engine.config import RunConfig
+from mola.engine.config import load_config
 
 GroupKey = tuple[str, str, str, str, str]
 POOL_FREE_KEYS = frozenset({
@@ -69,9 +66,8 @@ def read_config(path: Path) -> dict[str, Any] | None:
     if not cfg.is_file():
         return None
     try:
-        data = yaml.safe_load(cfg.read_text()) or {}
-        out = from_dict(RunConfig, data).to_dict()
-    except (yaml.YAMLError, ValueError, TypeError) as err:
+        out = load_config(cfg).to_dict()
+    except (ValueError, TypeError) as err:
         raise ValueError(f"{cfg} is not a valid mola run config: {err}") from err
     if out["data"].get("root"):  # runs store it relative (older) or absolute: compare them as absolute paths
         out["data"]["root"] = os.path.normpath(os.path.abspath(out["data"]["root"]))

@@ -65,7 +65,7 @@ def combine_finals(cfg: RunConfig, finals: dict[str, dict[str, Any]], summary: d
     def pick(src: str, split: str) -> dict[str, Any]:
         out = {}
         for task, f in finals.items():
-            res = (f.get(src, f) if src == "last" else f)[split]
+            res = (f["last"] if src == "last" else f)[split]
             if task in res:
                 out[task] = res[task]
         return out
@@ -94,10 +94,6 @@ def combine_finals(cfg: RunConfig, finals: dict[str, dict[str, Any]], summary: d
     }
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    write_text(json.dumps(data, indent=2, default=float), path)
-
-
 def _write_metrics(run_dir: Path, tasks: list[str]) -> None:
     """The sub-runs' metrics.csv rows, one file, with a leading ``task`` column."""
     rows: list[dict[str, Any]] = []
@@ -112,15 +108,13 @@ def _write_metrics(run_dir: Path, tasks: list[str]) -> None:
 def _finished(sdir: Path, sub: RunConfig) -> dict[str, Any] | None:
     """The sub-run's final.json if it finished with this config, None if it has not finished; a finished
     sub-run of another config is a ValueError listing the differences."""
-    import yaml
-
-    from mola.config_utils import from_dict
+    from mola.engine.config import load_config
     from mola.engine.run import RESUME_FREE_KEYS, config_diff
 
     done = sdir / "final.json"
     if not done.is_file():
         return None
-    saved = from_dict(RunConfig, yaml.safe_load((sdir / "config.yaml").read_text()) or {}).to_dict()
+    saved = load_config(sdir / "config.yaml").to_dict()
     diffs = [d for d in config_diff(saved, sub.to_dict()) if d.split(":", 1)[0] not in RESUME_FREE_KEYS
              and not d.startswith(("name:", "out_dir:"))]
     if diffs:
@@ -163,7 +157,7 @@ def fit_single_task(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -
         finals[task] = trainer.fit()
     final = combine_finals(cfg, finals, scenario.summary())
     _write_metrics(run_dir, names)
-    _write_json(run_dir / "final.json", final)
+    write_text(json.dumps(final, indent=2, default=float), run_dir / "final.json")  # as the Trainer writes it
     return final
 
 

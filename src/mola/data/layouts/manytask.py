@@ -48,7 +48,7 @@ from mola.data.layouts._common import (
     tree,
 )
 from mola.data.layouts.digits import read_digit_csv, read_idx_pair, read_usps
-from mola.data.layouts.medmnist import read_npy_folder, read_npz
+from mola.data.layouts.medmnist import images_to_tensor, read_npy_folder, read_npz
 from mola.data.registry import SCENARIOS
 from mola.data.transforms import ResizeTensor, resize_tensor, to_channels
 
@@ -112,17 +112,10 @@ TEST_CAP = 1000
 
 
 def _unit(x: np.ndarray, where: str) -> Tensor:
-    """(N, H, W) or (N, H, W, 3) uint8 / [0, 1] float -> (N, C, H, W) float32 in [-1, 1]."""
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.shape[1:3] != (28, 28):
+    """(N, 28, 28[, 3]) images -> (N, C, 28, 28) in [-1, 1], as MedMNIST's (every shipped set here is 28 px)."""
+    if x.shape[1:3] != (28, 28):
         raise ValueError(f"{where}: images must be (N, 28, 28) or (N, 28, 28, 3), got {x.shape}")
-    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float()
-    if x.dtype == np.uint8:
-        t = t / 255.0
-    elif not bool(torch.isfinite(t).all()) or t.min() < 0 or t.max() > 1:
-        raise ValueError(f"{where}: float images must be finite and in [0, 1]")
-    return (t - 0.5) / 0.5
+    return images_to_tensor(x, where)
 
 
 def _task_splits(name: str, data: Splits, train_size: int, cfg: DataConfig) -> dict[str, np.ndarray]:

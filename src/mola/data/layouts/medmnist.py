@@ -67,7 +67,7 @@ def _labels(y: np.ndarray, where: str) -> np.ndarray:
     return class_labels(y.reshape(-1), where)
 
 
-def _images(x: np.ndarray, where: str) -> Tensor:
+def images_to_tensor(x: np.ndarray, where: str) -> Tensor:
     """(N,H,W) or (N,H,W,C) -> (N,C,H,W) float32 in [-1, 1] (``pixels_to_unit``: uint8/uint16/0..255 scaled)."""
     if x.ndim == 3:
         x = x[..., None]
@@ -182,7 +182,7 @@ def build_medmnist(cfg: DataConfig) -> Scenario:
         data = {}
         for s, (x, y) in raw.items():
             where = f"{str(path)!r} split {s!r}"
-            xi, yi = _images(x, where), _labels(y, where)
+            xi, yi = images_to_tensor(x, where), _labels(y, where)
             if len(xi) != len(yi):
                 raise ValueError(f"{where}: {len(xi)} images but {len(yi)} labels")
             data[s] = (xi, yi)
