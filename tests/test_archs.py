@@ -3,6 +3,7 @@ gradient flow, parameter groups, and a short training run on real MedMNIST image
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -541,3 +542,24 @@ def test_short_training_on_real_images_beats_chance() -> None:
     chance = float(np.mean([np.bincount(b).max() / len(b) for _, b in test]))
     accs = _accuracies(model, *pack(test))
     assert np.mean(accs) > chance, f"accuracies {accs}, chance {chance}"
+
+
+def test_single_task_lone_image_row_keeps_batch_statistics() -> None:
+    """single_task with a conv tower: a lone row in training is normalised with its own spatial statistics
+    (BatchNorm stays in training mode and updates its running stats), like the tower run alone on that row.
+    Running statistics for a lone conv row made manytask's breast task diverge."""
+    sc = scenario("multi_input")
+    model = build_model(sc, model_cfg("single_task", BackboneConfig(name="small_cnn", width=4))).train()
+    ref_tower = copy.deepcopy(model.towers[1])  # a training-mode copy run alone on the row
+    x = torch.randn(4, 1, 16, 16)
+    out = model(x, torch.tensor([0, 1, 0, 2]))
+    expect = model.heads[1](ref_tower(x[1:2]), model.out_size(x))
+    assert torch.allclose(out[1], expect, atol=1e-6)
+    assert all(m.training for m in model.towers[1].modules())
+    for a, b in zip(model.towers[1].modules(), ref_tower.modules(), strict=True):
+        if isinstance(a, torch.nn.BatchNorm2d):
+            assert torch.equal(a.running_mean, b.running_mean)  # both updated from the same single row
+            assert not torch.equal(a.running_mean, torch.zeros_like(a.running_mean))
+    model.towers[1].eval()
+    frozen = model.heads[1](model.towers[1](x[1:2]), model.out_size(x))
+    assert not torch.allclose(out[1], frozen, atol=1e-3)  # not the running-statistics output

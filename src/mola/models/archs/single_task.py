@@ -47,19 +47,29 @@ class SingleTask(MultiTaskModel):
                 for t, rows in self.task_rows(task_ids).items()}
 
     def _tower(self, t: int, x: Tensor) -> Tensor:
-        """Task t's encoder; a lone row in training uses BatchNorm's running statistics (a batch of one has no
-        batch variance), where BatchNorm would otherwise raise for vector inputs."""
+        """Task t's encoder. A lone row in training keeps batch statistics wherever BatchNorm sees more than one
+        value per channel (conv maps: the row's own spatial statistics); only a layer with a single value per
+        channel (vector inputs), which BatchNorm cannot normalise, uses its running statistics. Using running
+        statistics for the whole tower diverged: they lag the fast-moving weights of a task with 1-5 rows per
+        batch (manytask's breast reached a non-finite loss at epoch 2)."""
         tower = self.towers[t]
-        norms = [m for m in tower.modules() if isinstance(m, _BatchNorm) and m.training]
-        if x.shape[0] != 1 or not norms:
+        if x.shape[0] != 1 or not self.training:
             return tower(x)
-        for m in norms:
-            m.eval()
+        norms = [m for m in tower.modules() if isinstance(m, _BatchNorm) and m.training]
+        hooks = [m.register_forward_pre_hook(_eval_if_single_value) for m in norms]
         try:
             return tower(x)
         finally:
-            for m in norms:
+            for h, m in zip(hooks, norms, strict=True):
+                h.remove()
                 m.train()
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"towers": list(self.towers.parameters()), "heads": list(self.heads.parameters())}
+
+
+def _eval_if_single_value(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+    """Forward pre-hook: a BatchNorm input with one value per channel is normalised with running statistics."""
+    x = args[0]
+    if x.numel() == x.shape[1]:
+        module.eval()
