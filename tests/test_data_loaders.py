@@ -106,3 +106,15 @@ def test_dict_targets_collate_and_single_input_balanced_falls_back(tmp_path):
 def test_bad_sampling_is_rejected():
     with pytest.raises(ValueError, match="unknown data.sampling 'uniform'.*mixed, balanced"):
         make_loaders(toy(), DataConfig(sampling="uniform"), seed=0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_eval_loaders_leave_the_global_rng_alone(workers):
+    """Iterating val/test must not draw from torch's global RNG (a DataLoader iterator takes its base seed from
+    it unless the loader has a generator): otherwise evaluating changes the next epoch's dropout masks."""
+    loaders = make_loaders(toy(), DataConfig(batch_size=8, eval_batch_size=8, num_workers=workers), seed=0)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for split in ("val", "test"):
+        assert len(order(loaders[split])) > 0
+    assert torch.equal(torch.get_rng_state(), before)

@@ -188,6 +188,9 @@ def make_loaders(scenario: Scenario, cfg: DataConfig, seed: int) -> dict[str, Da
 
 
 def make_eval_loader(dataset: TaskDataset, cfg: DataConfig) -> DataLoader:
-    """An ordered loader over ``dataset`` with ``cfg.eval_batch_size`` (val/test evaluation)."""
+    """An ordered loader over ``dataset`` with ``cfg.eval_batch_size`` (val/test evaluation). Its own generator
+    keeps evaluation off the global RNG: a DataLoader iterator otherwise draws its base seed from it, so how
+    often a run evaluates would change the dropout masks of the next training epoch."""
     return DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, drop_last=False,
-                      num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+                      num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                      generator=torch.Generator().manual_seed(0))
