@@ -35,7 +35,7 @@ from mola.data.synthetic import ScenarioSpec, scenario_spec, synthetic_batch, sy
 from mola.engine import load_config
 from mola.engine.config import RunConfig
 from mola.engine.trainer import Trainer
-from mola.models.backbones import is_weight_name
+from mola.models.weights import is_weight_name
 
 ROOT = Path(__file__).resolve().parent.parent
 

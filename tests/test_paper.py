@@ -32,9 +32,9 @@ from mola.engine.trainer import build_optimizer
 from mola.inject import inject
 from mola.layers import MoLAConv2d
 from mola.models import BackboneConfig, build_backbone, build_model
-from mola.models.backbones import adapt_input_conv, torchvision_weights, weight_cache_file
 from mola.models.base import ModelConfig
 from mola.models.heads import PSPHead
+from mola.models.weights import adapt_input_conv, torchvision_weights, weight_cache_file
 from test_layers import hand_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -443,7 +443,7 @@ def test_paper_configs_cover_the_benchmarks() -> None:
 def test_paper_sweep_rows_are_valid_configs(path: str) -> None:
     from mola.cli.sweep import load_sweep, plan_sweep
     from mola.engine.trainer import validate_names
-    from mola.models.backbones import named_weights_status
+    from mola.models.weights import named_weights_status
 
     spec = load_sweep(path)
     plan = plan_sweep(spec)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from mola.files import atomic_write
-from mola.inject import MoLAModel, _set_submodule, find_mola_model
+from mola.inject import MoLAModel, find_mola_model, set_submodule
 from mola.layers import MoLAConv2d, MoLALayer
 from mola.models.base import MultiTaskModel
 
@@ -113,12 +113,12 @@ def merge_mixture(encoder: MoLAModel, weights: Tensor) -> nn.Module:
             base.weight.copy_(layer.weight + layer.scaling * torch.tensordot(w, dw, dims=1))
             merged[n] = base
     for n in layers:
-        _set_submodule(encoder.model, n, merged[n])
+        set_submodule(encoder.model, n, merged[n])
     try:
         return copy.deepcopy(encoder.model)
     finally:
         for n, layer in layers.items():
-            _set_submodule(encoder.model, n, layer)
+            set_submodule(encoder.model, n, layer)
 
 
 # -- merged export -------------------------------------------------------------------------------------------
@@ -197,12 +197,12 @@ def base_model(model: nn.Module) -> nn.Module:
     encoder = find_mola(model)
     layers = encoder.mola_layers()
     for n, layer in layers.items():
-        _set_submodule(encoder.model, n, layer.base_layer)
+        set_submodule(encoder.model, n, layer.base_layer)
     try:
         out = copy.deepcopy(encoder.model)
     finally:
         for n, layer in layers.items():
-            _set_submodule(encoder.model, n, layer)
+            set_submodule(encoder.model, n, layer)
     return out.eval()
 
 

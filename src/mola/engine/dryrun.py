@@ -24,7 +24,7 @@ def dry_run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[s
     from mola.engine.single_task import run_has_checkpoint
     from mola.engine.trainer import Trainer
     from mola.models import num_parameters
-    from mola.models.backbones import named_weights_status
+    from mola.models.weights import named_weights_status
 
     validate_names(cfg)
     resumable = run_has_checkpoint(Path(run_dir))

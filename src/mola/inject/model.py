@@ -1,287 +1,29 @@
-"""MoLAConfig, target matching and presets, ``inject`` (peft-style in-place wrapping) and MoLAModel."""
+"""``inject`` (peft-style in-place wrapping) and MoLAModel: the wrapped model, its routing, save and load."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
 import hashlib
 import json
-import math
 import os
-import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mola.config_utils import from_dict
 from mola.files import atomic_write
+from mola.inject.config import ADAPTER_WARN_FACTOR, MAX_ADAPTER_GB, MoLAConfig, adapter_budget
+from mola.inject.targets import find_stages, rank_for, resolve_targets
 from mola.layers import Lift, MLPRouter, MoLAConv2d, MoLALayer, MoLALinear, Router, Routing, twd_loss
 from mola.layers.routing import check_task_ids
 
-PRESETS = ("last_stage", "all_stages")
 _M = TypeVar("_M", bound=nn.Module)
 
 
-@dataclass
-class MoLAConfig:
-    """Where MoLA goes and how it mixes: the single source of MoLA defaults (method.md §2-5, §11)."""
-
-    mode: Literal["grad", "router"] = "grad"  # grad: task id picks the adapter; router: a router mixes them per input
-    num_experts: int = 0  # E adapters per layer; 0 in a run config: the number of tasks (inject needs >= 1)
-    rank: int | dict[str, int] = 4  # adapter rank r, or {module pattern: r} with a "*" default
-    alpha: float = 16.0  # LoRA scaling s = alpha / rank
-    layout: Literal["kernel", "factorized"] = "kernel"  # kernel: the paper's conv adapters; factorized: peft-style
-    compute: Literal["auto", "merged", "lowrank", "reference"] = "auto"  # how task-id routing is computed (same result)
-    target_modules: str | list[str] = "last_stage"  # last_stage, all_stages, "stages:1,3" or module names / "re:..."
-    router_type: Literal["auto", "resnet", "mlp"] = "auto"  # auto: residual net if the model has a Conv2d, else MLP
-    #: resize the router's copy of the input to this side; auto: to 32 px only when the input is larger (the
-    #: side the CIFAR-style router was built for; cheap next to the backbone); null: as is
-    router_input_size: int | Literal["auto"] | None = "auto"
-    router_width: int = 16  # width w of the residual router (its stages have w, 2w, 4w channels)
-    router_blocks: int = 3  # basic blocks per stage of the residual router
-    #: stride of the residual router's stem conv: 2 (default) lets its blocks work at half the resolution, which
-    #: makes the router ~0.1x a ResNet-18 step at 64 px (1: the paper's router, ~4x the cost)
-    router_stem_stride: int = 2
-    #: one router (and lift) for all MoLA layers, one per backbone stage holding MoLA layers, or one per MoLA
-    #: layer (router mode; TwD is the mean over routers)
-    router_sharing: Literal["shared", "per_stage", "per_layer"] = "shared"
-    router_in_channels: int | None = None  # router input channels / features (null: read from the model)
-    lift_dim: int = 32  # dimension d of the TwD code z
-    lift_input: Literal["logits", "weights"] = "logits"  # the lift reads the router logits or softmax weights
-    lift_hidden: int | None = None  # hidden width of a 2-layer MLP lift (null: one Linear)
-    twd_weight: float = 0.1  # lambda: weight of the TwD loss (router mode)
-    twd_tau: float = 1.0  # temperature tau of the TwD loss
-    #: grad mode: the adapter of each task, e.g. [0, 0, 1, 2] (tasks 0 and 1 share adapter 0; E may then be < T);
-    #: null: task t uses adapter t (E = T)
-    task_to_expert: list[int] | None = None
-
-    def __post_init__(self) -> None:
-        checks = {"mode": ("grad", "router"), "layout": ("kernel", "factorized"),
-                  "compute": ("auto", "merged", "lowrank", "reference"),
-                  "router_type": ("auto", "resnet", "mlp"), "lift_input": ("logits", "weights"),
-                  "router_sharing": ("shared", "per_stage", "per_layer"), "router_stem_stride": (1, 2)}
-        for key, allowed in checks.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"MoLAConfig.{key}={getattr(self, key)!r}; expected one of {list(allowed)}")
-        check_mola_values(self)
-        size = self.router_input_size
-        if size != "auto" and size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise ValueError(f"MoLAConfig.router_input_size={size!r}; expected a positive int, 'auto' or None")
-        for key in ("router_width", "router_blocks"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MoLAConfig.{key}={value!r}; expected a positive int")
-        t2e = self.task_to_expert
-        if t2e is not None:
-            if self.mode != "grad":
-                raise ValueError("MoLAConfig.task_to_expert maps tasks to adapters in grad mode; router mode mixes "
-                                 "all adapters per input (set mode='grad' or drop task_to_expert)")
-            if (not isinstance(t2e, (list, tuple)) or not t2e
-                    or any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in t2e)):
-                raise ValueError(f"MoLAConfig.task_to_expert={t2e!r}; expected a non-empty list of adapter "
-                                 "indices >= 0")
-            if self.num_experts and max(t2e) >= self.num_experts:
-                raise ValueError(f"MoLAConfig.task_to_expert={list(t2e)} names adapter {max(t2e)} but num_experts="
-                                 f"{self.num_experts} (adapters 0..{self.num_experts - 1})")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MoLAConfig:
-        return from_dict(cls, data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-class RankTooLargeError(ValueError):
-    """A MoLA rank above what the targeted layer can use (its weight's rank as a matrix)."""
-
-
-def check_mola_values(cfg: MoLAConfig) -> None:
-    """Range checks of a MoLAConfig's numbers (NaN/inf, <= 0): a ValueError naming the field and value."""
-
-    def bad(key: str, value: Any, want: str) -> ValueError:
-        return ValueError(f"MoLAConfig.{key}={value!r}; expected {want}")
-
-    def number(key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad(key, value, "a finite number")
-        return float(value)
-
-    def integer(key: str, value: Any, low: int, optional: bool = False) -> None:
-        if optional and value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise bad(key, value, f"an integer >= {low}" + (" or None" if optional else ""))
-
-    integer("num_experts", cfg.num_experts, 0)
-    ranks = cfg.rank.items() if isinstance(cfg.rank, dict) else [("", cfg.rank)]
-    for pat, r in ranks:
-        integer(f"rank[{pat!r}]" if pat else "rank", r, 1)
-    if number("alpha", cfg.alpha) <= 0:
-        raise bad("alpha", cfg.alpha, "a number > 0 (scaling s = alpha / rank)")
-    if number("twd_weight", cfg.twd_weight) < 0:
-        raise bad("twd_weight", cfg.twd_weight, "a number >= 0")
-    if number("twd_tau", cfg.twd_tau) <= 0:
-        raise bad("twd_tau", cfg.twd_tau, "a number > 0")
-    integer("lift_dim", cfg.lift_dim, 1)
-    integer("lift_hidden", cfg.lift_hidden, 1, optional=True)
-    if cfg.router_input_size != "auto":
-        integer("router_input_size", cfg.router_input_size, 1, optional=True)
-    integer("router_in_channels", cfg.router_in_channels, 1, optional=True)
-
-
-MAX_ADAPTER_GB = 8.0
-"""Default limit of ``inject(..., max_adapter_gb=)``: adapters estimated above it are refused before allocation."""
-ADAPTER_WARN_FACTOR = 10.0
-"""``inject`` warns when the adapters hold more than this many times the wrapped model's parameters."""
-
-
-def adapter_budget(model: nn.Module, names: list[str], config: MoLAConfig) -> int:
-    """Adapter parameters ``inject`` would create for ``names``; a ValueError for a rank above what a layer can
-    use (min(fan-out, fan-in): the rank of the layer's weight as a matrix; more only wastes memory)."""
-    total = 0
-    e = config.num_experts
-    for n in names:
-        base = model.get_submodule(n)
-        r = _rank_for(n, config.rank)
-        shape = tuple(int(d) for d in cast(Tensor, base.weight).shape)
-        if isinstance(base, nn.Conv2d):
-            co, ci_g, kh, kw = shape
-            usable = min(co, ci_g * kh * kw)
-            if config.layout == "kernel":  # dW = B A: (co*kh, r*kh) x (r*kh, ci_g*kw)
-                size = e * (r * kh * ci_g * kw + co * kh * r * kh)
-            else:  # (co, r) x (r, ci_g*kh*kw)
-                size = e * r * (ci_g * kh * kw + co)
-        else:
-            co, ci = shape
-            usable, size = min(co, ci), e * r * (ci + co)
-        if r > usable:
-            raise RankTooLargeError(f"MoLA rank {r} for layer {n!r} ({type(base).__name__} weight {shape}, layout "
-                                    f"{config.layout}) exceeds the largest rank its adapter can have ({usable}); "
-                                    f"use rank <= {usable} (a dict rank sets it per layer)")
-        total += size
-    return total
-
-
-# -- target matching ----------------------------------------------------------------------------------
-def pattern_matches(pattern: str, name: str) -> bool:
-    """peft-style: equal, or ends with '.' + pattern; 're:...' is a regex fullmatched on the qualified name."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return name == pattern or name.endswith("." + pattern)
-
-
-STAGE_CONTAINERS = {"encoder.layers": "mlp", "blocks": "mlp", "transformer.resblocks": "mlp", "layers": "mlp",
-                    "stages": "conv"}
-"""Module lists that hold a backbone's stages (torchvision/timm ViTs, CLIP, Swin; timm ConvNets) and what the
-``last_stage``-style presets wrap in them."""
-
-
-def find_stages(model: nn.Module) -> tuple[list[str], str]:
-    """Stage prefixes of a known backbone and what to wrap in them ('conv', 'mlp' or 'any'): the one stage
-    detection of the package (inject presets, timm backbones). ValueError for an unknown layout."""
-    custom = getattr(model, "mola_stages", None)
-    if custom is not None:
-        return list(custom), getattr(model, "mola_stage_modules", "any")
-    names = dict(model.named_modules())
-    if all(f"layer{i}" in names for i in (1, 2, 3)):
-        return [f"layer{i}" for i in range(1, 5) if f"layer{i}" in names], "conv"
-    for container, kind in STAGE_CONTAINERS.items():
-        mod = names.get(container)
-        if isinstance(mod, (nn.Sequential, nn.ModuleList)) and len(mod) > 0:
-            return [f"{container}.{n}" for n, _ in mod.named_children()], kind
-    raise ValueError(
-        f"target_modules presets {PRESETS} know torchvision/timm ResNets and ViTs and models with a "
-        f"`mola_stages` attribute; {type(model).__name__} is none of these: pass a list of module names"
-    )
-
-
-def _select_stages(prefixes: list[str], preset: str, kind: str) -> list[str]:
-    if preset == "all_stages":
-        return prefixes
-    if preset == "last_stage":
-        return prefixes[-max(1, math.ceil(len(prefixes) / 4)):] if kind == "mlp" else prefixes[-1:]
-    if preset.startswith("stages:"):
-        try:
-            idx = [int(s) for s in preset[len("stages:"):].split(",") if s.strip()]
-        except ValueError:
-            idx = []
-        if not idx or any(i < 1 or i > len(prefixes) for i in idx):
-            raise ValueError(f"target_modules {preset!r}: expected 1-based stage numbers in 1..{len(prefixes)}")
-        return [prefixes[i - 1] for i in idx]
-    raise ValueError(f"unknown target_modules preset {preset!r}; presets: {list(PRESETS)} or 'stages:1,3'")
-
-
-def _wrappable(model: nn.Module) -> dict[str, nn.Module]:
-    """Conv2d/Linear modules MoLA can wrap (Linear layers that a parent reads as raw weights excluded)."""
-    raw = set()
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.MultiheadAttention):
-            raw.add(f"{name}.out_proj" if name else "out_proj")
-    return {n: m for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear) and n not in raw}
-
-
-def resolve_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
-    """Qualified names of the modules ``target_modules`` selects, in model order; errors name the problem."""
-    wrappable = _wrappable(model)
-    if isinstance(target_modules, str):
-        prefixes, kind = find_stages(model)
-        chosen = _select_stages(prefixes, target_modules, kind)
-        out = []
-        for n, m in wrappable.items():
-            if not any(n.startswith(p + ".") for p in chosen):
-                continue
-            if kind == "conv" and not isinstance(m, nn.Conv2d):
-                continue
-            if kind == "mlp" and not (isinstance(m, nn.Linear) and ".mlp." in f".{n}."):
-                continue
-            out.append(n)
-        if not out:
-            raise ValueError(f"target_modules preset {target_modules!r} selected no module in {type(model).__name__}")
-        return out
-    if not isinstance(target_modules, (list, tuple)) or not target_modules:
-        raise ValueError(f"target_modules must be a preset string or a non-empty list, got {target_modules!r}")
-    all_names = [n for n, _ in model.named_modules() if n]
-    selected: dict[str, None] = {}
-    for pat in target_modules:
-        hits = [n for n in all_names if pattern_matches(pat, n)]
-        if not hits:
-            close = difflib.get_close_matches(pat, list(wrappable), n=3)
-            hint = f" Close names: {close}." if close else ""
-            raise ValueError(f"target pattern {pat!r} matched no module of {type(model).__name__}.{hint}")
-        for n in hits:
-            if n not in wrappable:
-                mod = model.get_submodule(n)
-                why = (
-                    "it is read as a raw weight by its nn.MultiheadAttention parent"
-                    if isinstance(mod, nn.Linear)
-                    else "MoLA wraps only nn.Conv2d and nn.Linear"
-                )
-                raise ValueError(f"cannot wrap module {n!r} ({type(mod).__name__}) matched by {pat!r}: {why}")
-            selected[n] = None
-    order = list(wrappable)
-    return sorted(selected, key=order.index)
-
-
-def _rank_for(name: str, rank: int | dict[str, int]) -> int:
-    if isinstance(rank, int):
-        return rank
-    for pat, r in rank.items():
-        if pat != "*" and pattern_matches(pat, name):
-            return r
-    if "*" in rank:
-        return rank["*"]
-    raise ValueError(f"rank dict {rank} has no pattern for module {name!r} (add a '*' default)")
-
-
-# -- the wrapped model -----------------------------------------------------------------------------
 class MoLAModel(nn.Module):
     """A model whose targeted layers carry MoLA adapters, plus (router mode) the shared router and lift.
 
@@ -518,12 +260,12 @@ class MoLAModel(nn.Module):
                 merged[n] = base
         # Deep-copy the model with MoLA layers temporarily swapped for their merged plain layers.
         for n in layers:
-            _set_submodule(self.model, n, merged[n])
+            set_submodule(self.model, n, merged[n])
         try:
             out = copy.deepcopy(self.model)
         finally:
             for n, layer in layers.items():
-                _set_submodule(self.model, n, layer)
+                set_submodule(self.model, n, layer)
         return out
 
 
@@ -538,7 +280,7 @@ def _adapter_digest(config: str, tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
@@ -626,12 +368,12 @@ def inject(model: nn.Module, config: MoLAConfig, *, max_adapter_gb: float | None
     layers: dict[str, MoLALayer] = {}
     for n in names:
         base = model.get_submodule(n)
-        kw: dict[str, Any] = dict(num_experts=config.num_experts, rank=_rank_for(n, config.rank), alpha=config.alpha,
+        kw: dict[str, Any] = dict(num_experts=config.num_experts, rank=rank_for(n, config.rank), alpha=config.alpha,
                                   layout=config.layout, compute=config.compute, name=n)
         # resolve_targets yields Conv2d/Linear modules only (MoLALinear re-checks its base's type).
         layer: MoLALayer = (MoLAConv2d(base, **kw) if isinstance(base, nn.Conv2d)
                             else MoLALinear(cast(nn.Linear, base), **kw))
-        _set_submodule(model, n, layer)
+        set_submodule(model, n, layer)
         layers[n] = layer
     router: nn.Module | None = None
     lift: nn.Module | None = None
@@ -649,7 +391,3 @@ def inject(model: nn.Module, config: MoLAConfig, *, max_adapter_gb: float | None
             router.to(device=p.device, dtype=p.dtype)
             lift.to(device=p.device, dtype=p.dtype)
     return MoLAModel(model, config, layers, router, lift, groups)
-
-
-__all__ = ["MoLAConfig", "MoLAModel", "RankTooLargeError", "build_router", "find_mola_model", "find_stages", "inject",
-           "pattern_matches", "resolve_targets", "router_groups"]
