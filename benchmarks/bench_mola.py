@@ -82,10 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default="plain,grad,router,baseline",
                    help="comma list of plain, grad, router, baseline (plain is always measured)")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny CPU run for CI: batch 8, 32 px, 2 tasks, 2 steps, 1 thread")
+                   help="tiny CPU run for CI: batch 4, 16 px, 2 tasks, 1 step, 1 thread")
     args = p.parse_args(argv)
     if args.smoke:
-        args.batch, args.size, args.tasks, args.steps, args.warmup = 8, 32, 2, 2, 1
+        args.batch, args.size, args.tasks, args.steps, args.warmup = 4, 16, 2, 1, 1
         args.device, args.threads = "cpu", 1
         args.compile = False
     if args.compile:
