@@ -24,7 +24,8 @@ def run_example(name: str, args: list[str], cwd: Path) -> str:
 
 
 def test_every_example_is_tested() -> None:
-    tested = {"own_loop_torchvision.py", "vit.py", "custom_folder_dataset.py", "sweep_and_report.py"}
+    tested = {"own_loop_torchvision.py", "vit.py", "custom_folder_dataset.py", "sweep_and_report.py",
+              "paired_analysis.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -76,3 +77,35 @@ def test_sweep_and_report(tmp_path: Path) -> None:
     report = (tmp_path / "out" / "report" / "report.md").read_text()
     assert "mola-grad" in report and "single_task" in report and "Δm%" in report
     assert (tmp_path / "out" / "report" / "report.png").is_file()
+
+
+def test_paired_analysis_matches_scipy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """examples/paired_analysis.py on hand-made run folders (in-process: it only reads files): seeds pair up
+    whatever the folder order, and the interval equals scipy's t interval of the paired differences."""
+    import importlib.util
+
+    from scipy import stats
+
+    from mola.engine.config import RunConfig, dump_config
+
+    method = {0: 0.70, 1: 0.52, 2: 0.78, 3: 0.66, 4: 0.74}
+    reference = {0: 0.60, 1: 0.45, 2: 0.70, 3: 0.62, 4: 0.50}
+    for group, values in (("with", method), ("without", reference)):
+        for seed, v in values.items():
+            run = tmp_path / f"{group}-s{(seed * 3) % 5}"  # folder names do not follow seeds: pairing must not either
+            (run / "an").mkdir(parents=True)
+            cfg = RunConfig()
+            cfg.train.seed = seed
+            dump_config(cfg, run / "config.yaml")
+            (run / "an" / "routing.json").write_text(json.dumps({"task_inference_accuracy": v}))
+    spec = importlib.util.spec_from_file_location("paired_analysis", EXAMPLES / "paired_analysis.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--method", str(tmp_path / "with-s*"), "--reference", str(tmp_path / "without-s*"),
+                 "--analysis", "an", "--keys", "task_inference_accuracy"])
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| task_inference")][0]
+    d = [method[s] - reference[s] for s in range(5)]
+    low, high = stats.t.interval(0.95, 4, loc=sum(d) / 5, scale=stats.sem(d))
+    assert low > 0 and f"[{low:+.4f}, {high:+.4f}]" in row and "| 5/0 |" in row and "| better |" in row
+
