@@ -130,3 +130,17 @@ def test_report_splits_scenarios_into_separate_tables(tmp_path: Path) -> None:
     with open(files["csv"]) as fh:
         rows = list(csv.DictReader(fh))
     assert [r["scenario"].split(",")[0] for r in rows] == ["kind=medmnist", "kind=office_caltech10"]
+
+
+def test_report_marks_rows_selected_on_test(tmp_path: Path) -> None:
+    """A run whose checkpoint was chosen on test (final.json selection.valid_protocol false) is flagged."""
+    root = tmp_path / "runs"
+    _run(root / "ok-s0", "hps", 0, {"a": 0.8})
+    paper = _run(root / "paper-s0", "single_task", 0, {"a": 0.9}, train__select_on="test_loss")
+    final = json.loads((paper / "final.json").read_text())
+    final["selection"] = {"on": "test_loss", "valid_protocol": False}
+    (paper / "final.json").write_text(json.dumps(final))
+    (table,), files = write_report([root], tmp_path / "rep")
+    md = files["md"].read_text()
+    assert "| single_task † |" in md and "| hps |" in md
+    assert "selected on the test split" in md

@@ -218,7 +218,11 @@ def to_markdown(table: ReportTable) -> str:
             if math.isfinite(mean) and math.isfinite(best) and abs(mean - best) <= 1e-12 * max(1.0, abs(best)):
                 text = f"**{text}**"
             cells.append(text)
-        lines.append(f"| {row.label} | {len(row.runs)} | " + " | ".join(cells) + " |")
+        mark = " †" if any(r.selected_on_test for r in row.runs) else ""
+        lines.append(f"| {row.label}{mark} | {len(row.runs)} | " + " | ".join(cells) + " |")
+    if any(r.selected_on_test for row in table.rows for r in row.runs):
+        lines += ["", "† checkpoint selected on the test split (train.select_on=test_loss, the paper's protocol): "
+                  "its test scores are not a held-out estimate."]
     return "\n".join(lines) + "\n"
 
 

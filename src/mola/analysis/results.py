@@ -35,6 +35,7 @@ class RunResult:
     seed: int | None
     scores: dict[str, dict[str, float]]
     config: dict[str, Any] | None = None  # the resolved RunConfig as a dict (None: the run has no config.yaml)
+    selected_on_test: bool = False  # its checkpoint was chosen on the test split (train.select_on=test_loss)
 
     @property
     def key(self) -> GroupKey:
@@ -97,7 +98,7 @@ def read_run_result(path: str | Path, split: str = "test", checkpoint: str = "be
     return RunResult(path, arch, mode, final.get("weighting") or train.get("weighting", "ew"),
                      final.get("method") or train.get("method", "erm"), override or "", seed,
                      {t: {m: float(v) for m, v in r.items() if isinstance(v, (int, float))} for t, r in scores.items()},
-                     config)
+                     config, final.get("selection", {}).get("valid_protocol", True) is False)
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
