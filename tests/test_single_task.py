@@ -67,6 +67,13 @@ def test_single_task_run_reuses_finished_tasks_and_refuses_trainer(tmp_path: Pat
     # another config for a finished sub-run is refused
     assert main(["train", "--out", str(tmp_path / "st"), "--resume", *over, "optim.lr=0.5"]) == 2
     assert "finished with another config" in capsys.readouterr().err
+    # eval on the run folder names its per-task runs; eval on one of them works
+    assert main(["eval", "--checkpoint", str(tmp_path / "st")]) == 2
+    err = capsys.readouterr().err
+    assert "is a single_task run" in err and str(tmp_path / "st" / "tasks") in err
+    task = sorted(p.name for p in (tmp_path / "st" / "tasks").iterdir())[0]
+    assert main(["eval", "--checkpoint", str(tmp_path / "st" / "tasks" / task), "--split", "val"]) == 0
+    assert task in capsys.readouterr().out
     from mola.engine import Trainer
 
     with pytest.raises(ValueError, match="one separate run per task"):

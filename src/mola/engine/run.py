@@ -89,6 +89,11 @@ def find_checkpoint(run_or_file: str | os.PathLike[str], which: str = "best") ->
         raise FileNotFoundError(f"{given} does not exist (expected a run directory or a checkpoint file){hint}")
     path = checkpoint_path(given, which)
     if not path.is_file():
+        tasks = sorted(p.name for p in (given / "tasks").glob("*") if checkpoint_path(p, which).is_file())
+        if tasks:  # arch single_task: one run per task (engine/single_task.py), no model of all tasks
+            raise FileNotFoundError(
+                f"{given} is a single_task run: each task's network is its own run under {given / 'tasks'} "
+                f"({', '.join(tasks)}); give one of those, e.g. {given / 'tasks' / tasks[0]}")
         raise FileNotFoundError(f"{given} is not a mola run directory: it has no {which} checkpoint "
                                 f"({path.relative_to(given)})")
     return path
