@@ -337,6 +337,36 @@ def test_ltb_eval_follows_argmax_paths() -> None:
             assert torch.allclose(out[t], model.heads[t](h[rows]), atol=1e-6)
 
 
+def test_ltb_trains_each_child_on_one_parent_by_default() -> None:
+    """Default LTB training feeds each child one sampled parent's output (straight-through one-hot), the kind of
+    input the argmax path gives it at eval: the training output equals the eval output of the sampled path."""
+    torch.manual_seed(0)
+    sc = scenario("multi_input")
+    model = build_model(sc, model_cfg("ltb")).train()
+    assert model.options.hard_train
+    for key in model.branch_logits:
+        w = model._choice_weights(key)
+        assert w is not None and torch.allclose(w.detach(), F.one_hot(w.detach().argmax(-1), w.shape[-1]).float(),
+                                                atol=1e-6)
+    soft = build_model(sc, model_cfg("ltb", hard_train=False)).train()
+    w = soft._choice_weights(next(iter(soft.branch_logits)))
+    assert w is not None and w.detach().max() < 0.99  # soft samples at tau 5 mix parents
+    x, task_ids = batch(sc, n=12)
+    for m in model.modules():  # BatchNorm in eval mode on both sides: only the parent choice may differ
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    torch.manual_seed(1)
+    out = model(x, task_ids)
+    torch.manual_seed(1)  # the same Gumbel samples, as argmax choices written into the logits
+    with torch.no_grad():
+        for p in model.branch_logits.values():
+            p.copy_(F.gumbel_softmax(p, tau=5.0, hard=True, dim=-1) * 100.0)
+    model.eval()
+    ref = model(x, task_ids)
+    for t in out:
+        assert torch.allclose(out[t], ref[t], atol=1e-5)
+
+
 def test_ltb_temperature_anneals_and_is_checkpointed() -> None:
     sc = scenario("multi_input")
     model = build_model(sc, model_cfg("ltb", tau=5.0, tau_min=1.0, anneal_rate=0.5))
