@@ -20,7 +20,7 @@ from mola.engine.config import load_config
 
 def read_group(pattern: str, analysis: str, key: str) -> dict[int, float]:
     """``seed -> routing.json[key]`` of the run folders matching ``pattern``."""
-    runs = sorted(Path(p) for p in glob.glob(pattern))
+    runs = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_dir())
     if not runs:
         raise SystemExit(f"no run folder matches {pattern!r}")
     seeds, values = [], []
