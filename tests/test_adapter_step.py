@@ -6,7 +6,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +22,6 @@ def test_adapter_step_grows_with_the_square_of_the_scaling(monkeypatch: pytest.M
     if not (ROOT.parent / "shared" / "data" / "medmnist").is_dir():
         pytest.skip("shipped data not found")
     monkeypatch.chdir(ROOT)
-    torch.set_num_threads(1)
     bench = _bench()
     extra = ["data.tasks=[breast,retina]", "data.max_per_task=64", "data.max_eval_per_task=16", "data.batch_size=32"]
     small, large = (bench.measure("configs/manytask.yaml", a, 0.02, 3, 0, list(extra)) for a in (4.0, 16.0))

@@ -19,16 +19,8 @@ from mola.models import ARCHS, BackboneConfig, ModelConfig, build_backbone, buil
 from mola.models.archs.cross_stitch import backbone_stages, run_stages, stage_shapes
 from mola.models.base import MultiTaskModel
 
-MEDMNIST = Path("/work/shared/data/medmnist")
+MEDMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"  # ../shared next to the checkout
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """These models are tiny: extra intra-op threads only add contention (10x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # name -> (registered arch, ModelConfig extras)
 ARCH_CASES: dict[str, tuple[str, dict[str, Any]]] = {

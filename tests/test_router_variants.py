@@ -23,14 +23,6 @@ from mola.models.backbones import SmallCNN
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """Tiny models: extra intra-op threads only add contention on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)

@@ -28,7 +28,6 @@ def _overrides(extra: list[str] = ()) -> list[str]:
 
 
 def test_single_task_equals_separate_one_task_runs(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     cfg = load_config(None, _overrides(["model.arch=single_task"]))
     final = fit_single_task(cfg, tmp_path / "st")
     assert list(final["test"]) == DOMAINS and set(final["best_epoch"]) == set(DOMAINS)
@@ -53,7 +52,6 @@ def test_single_task_equals_separate_one_task_runs(tmp_path: Path) -> None:
 
 def test_single_task_run_reuses_finished_tasks_and_refuses_trainer(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    torch.set_num_threads(1)
     over = _overrides(["model.arch=single_task", "train.epochs=1", "train.max_steps_per_epoch=2"])
     assert main(["train", "--out", str(tmp_path / "st"), *over]) == 0
     first = json.loads((tmp_path / "st" / "final.json").read_text())
@@ -81,7 +79,6 @@ def test_single_task_run_reuses_finished_tasks_and_refuses_trainer(tmp_path: Pat
 
 
 def test_sweep_in_process_runs_single_task_as_separate_runs(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     over = [o for o in _overrides(["train.epochs=1", "train.max_steps_per_epoch=2"]) if "domains" not in o]
     base = tmp_path / "base.yaml"
     base.write_text("name: base\n")

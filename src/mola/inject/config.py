@@ -55,10 +55,7 @@ class MoLAConfig:
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"MoLAConfig.{key}={getattr(self, key)!r}; expected one of {list(allowed)}")
-        check_mola_values(self)
-        size = self.router_input_size
-        if size != "auto" and size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise ValueError(f"MoLAConfig.router_input_size={size!r}; expected a positive int, 'auto' or None")
+        check_mola_values(self)  # numbers, router_input_size included
         for key in ("router_width", "router_blocks"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
