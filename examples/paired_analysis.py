@@ -18,8 +18,8 @@ from mola.analysis.paired import by_seed, paired_difference
 from mola.engine.config import load_config
 
 
-def read_group(pattern: str, analysis: str, key: str) -> dict[int, float]:
-    """``seed -> routing.json[key]`` of the run folders matching ``pattern``."""
+def read_group(pattern: str, analysis: str, keys: list[str]) -> dict[str, dict[int, float]]:
+    """``key -> seed -> routing.json[key]`` of the run folders matching ``pattern`` (each file read once)."""
     runs = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_dir())
     if not runs:
         raise SystemExit(f"no run folder matches {pattern!r}")
@@ -29,11 +29,12 @@ def read_group(pattern: str, analysis: str, key: str) -> dict[int, float]:
         if not path.is_file():
             raise SystemExit(f"{path} not found: run `mola analyze {run} --out {run / analysis}` first")
         data = json.loads(path.read_text())
-        if key not in data:
-            raise SystemExit(f"{path} has no {key!r}; keys: {sorted(data)}")
+        missing = [k for k in keys if k not in data]
+        if missing:
+            raise SystemExit(f"{path} has no {missing}; keys: {sorted(data)}")
         seeds.append(load_config(run / "config.yaml").train.seed)
-        values.append(float(data[key]))
-    return by_seed(seeds, values, pattern)
+        values.append(data)
+    return {k: by_seed(seeds, [float(v[k]) for v in values], pattern) for k in keys}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,8 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     print("| key | n | method mean | reference mean | diff [95% CI] | W/L | verdict |")
     print("|---|---:|---:|---:|---|---|---|")
+    method = read_group(args.method, args.analysis, args.keys)
+    reference = read_group(args.reference, args.analysis, args.keys)
     for key in args.keys:
-        m, r = read_group(args.method, args.analysis, key), read_group(args.reference, args.analysis, key)
+        m, r = method[key], reference[key]
         res = paired_difference(m, r, higher_is_better=key not in args.lower_is_better)
         mm = sum(m[s] for s in res.seeds) / max(1, res.n)
         rm = sum(r[s] for s in res.seeds) / max(1, res.n)
