@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -146,3 +147,56 @@ def test_results_without_checkpoint_are_not_overwritten(tmp_path: Path, setup: t
     assert (run / "final.json").read_text() == (ref / "final.json").read_text()
     assert main(["train", "--config", str(config), "--out", str(run), "--overwrite", "train.epochs=1"]) == 0
     assert json.loads((run / "final.json").read_text())["epochs"] == 1
+
+
+def lrs_and_steps(run: Path) -> tuple[list[float], list[int]]:
+    with open(run / "metrics.csv") as fh:
+        got = list(csv.DictReader(fh))
+    return [float(r["lr"]) for r in got], [int(r["step"]) for r in got]
+
+
+def test_resume_with_more_epochs_replans_cosine_monotone(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """Killed after epoch 1 of 2 (cosine, lr 0.02), resumed with train.epochs=4: the notice states the new end
+    and the logged lr falls from where it was to 0 at epoch 4, as a cosine of the new length scaled from there."""
+    config, _ = setup
+    run = tmp_path / "run"
+    train_killed_at("metrics.written:1", config, run, "train.epochs=2")
+    with pytest.warns(RuntimeWarning, match=r"train.epochs 2 -> 4: the cosine schedule is re-planned to end at "
+                                            r"epoch 4 \(step \d+\)"):
+        assert main(["train", "--config", str(config), "--out", str(run), "--resume", "train.epochs=4"]) == 0
+    lrs, steps = lrs_and_steps(run)
+    spe = steps[0]
+    assert len(lrs) == 4 and steps == [spe * (e + 1) for e in range(4)]
+    assert lrs[0] == pytest.approx(0.02 * (1 + math.cos(math.pi / 2)) / 2)  # epoch 1 of the 2-epoch plan
+    total = 4 * spe
+    expected = [lrs[0] * (1 + math.cos(math.pi * s / total)) / (1 + math.cos(math.pi * spe / total)) for s in steps]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert json.loads((run / "final.json").read_text())["epochs"] == 4
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "step", "none"])
+def test_resume_with_fewer_epochs_is_refused_and_writes_nothing(setup: tuple[Path, Path], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str],
+                                                                scheduler: str) -> None:
+    config, _ = setup
+    run = tmp_path / "run"
+    sched = [f"optim.scheduler={scheduler}"]
+    assert main(["train", "--config", str(config), "--out", str(run), "train.epochs=2", *sched]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(["train", "--config", str(config), "--out", str(run), "--resume", "train.epochs=1", *sched]) == 2
+    assert "has trained 2 epoch(s); resuming with train.epochs=1" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    if scheduler == "cosine":  # a finished cosine schedule (lr 0) cannot be extended either
+        assert main(["train", "--config", str(config), "--out", str(run), "--resume", "train.epochs=4"]) == 2
+        assert "finished its cosine schedule" in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+        return
+    with pytest.warns(RuntimeWarning, match=rf"train.epochs 2 -> 4: the run now ends at epoch 4 \({scheduler}"
+                                            if scheduler == "step" else r"train.epochs 2 -> 4: the run now ends at "
+                                                                        r"epoch 4 \(no lr schedule"):
+        assert main(["train", "--config", str(config), "--out", str(run), "--resume", "train.epochs=4", *sched]) == 0
+    lrs, _ = lrs_and_steps(run)
+    assert len(lrs) == 4 and json.loads((run / "final.json").read_text())["epochs"] == 4
+    if scheduler == "none":
+        assert lrs == [0.02] * 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -91,9 +92,50 @@ class DuplicateKeyError(yaml.YAMLError):
     """A YAML mapping names the same key twice."""
 
 
-def safe_load_unique(text: str) -> Any:
+class AliasBombError(yaml.YAMLError):
+    """A YAML document whose anchors/aliases expand to more values than a config can sensibly hold."""
+
+
+MAX_EXPANDED_NODES = 100_000
+"""Most values a YAML document may hold once its aliases are expanded (a real config holds a few hundred)."""
+
+_SCIENTIFIC = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+"""``1e-3``, ``1.0e12``: numbers in scientific notation that YAML 1.1 reads as strings (it wants a dot and a
+signed exponent)."""
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """Number of nodes of ``root`` with every alias expanded, counted on the composed graph (each distinct node
+    once, memoized), so an alias bomb is measured without being built; stops counting past ``limit``."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        sizes[key] = limit + 1  # a node reached again while being counted is a cycle: count it as too big
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            for child in node.value:
+                total += size(child)
+                if total > limit:
+                    break
+        elif isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                total += size(k) + size(v)
+                if total > limit:
+                    break
+        sizes[key] = min(total, limit + 1)
+        return sizes[key]
+
+    return size(root)
+
+
+def safe_load_unique(text: str, max_nodes: int = MAX_EXPANDED_NODES) -> Any:
     """``yaml.safe_load`` that refuses a mapping with the same key twice (plain YAML keeps the last silently):
-    a ``yaml.YAMLError`` naming the key and both lines."""
+    a ``yaml.YAMLError`` naming the key and both lines. Anchors/aliases that expand to more than ``max_nodes``
+    values (an alias bomb) are an ``AliasBombError``, found on the composed node graph before any value is
+    built. ``1e-3`` reads as a number."""
     class UniqueKeyLoader(yaml.SafeLoader):
         pass
 
@@ -109,7 +151,18 @@ def safe_load_unique(text: str) -> Any:
         return loader.construct_mapping(node, deep=deep)
 
     UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
-    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", _SCIENTIFIC, list("-+0123456789"))
+    loader = UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, max_nodes) > max_nodes:
+            raise AliasBombError(f"its anchors/aliases expand to more than {max_nodes} values (an alias bomb?); "
+                                 "write the values out instead of nesting aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def from_dict(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:

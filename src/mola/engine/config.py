@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mola.config_utils import from_dict, safe_load_unique
+from mola.config_utils import AliasBombError, from_dict, safe_load_unique
 from mola.data.config import DataConfig
 from mola.models.base import ModelConfig
 
@@ -79,7 +79,9 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ValueError(f"override {item!r} is not of the form dotted.key=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = safe_load_unique(raw) if raw != "" else None
+    except AliasBombError as err:
+        raise ValueError(f"override {item!r}: {err}") from err
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -167,12 +169,12 @@ _RANGES: dict[str, tuple[float, bool, bool]] = {
 
 def check_values(cfg: RunConfig) -> None:
     """Range checks of a run config's numbers, done when it is read (before any data or model is built): a
-    ValueError naming the key, the value and the allowed range. NaN/inf are refused when a number is parsed."""
-    d = cfg.to_dict()
+    ValueError naming the key, the value and the allowed range. NaN/inf are refused when a number is parsed.
+    It reads the fields it checks one by one: free-form options (``model.options``, ...) are never copied."""
     for key, (low, inclusive, nullable) in _RANGES.items():
-        node: Any = d
+        node: Any = cfg
         for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
+            node = getattr(node, part, None)
         if node is None and nullable:
             continue
         ok = isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node) and (
@@ -181,7 +183,7 @@ def check_values(cfg: RunConfig) -> None:
             rng = f"{'>=' if inclusive else '>'} {low:g}" + (" (or null)" if nullable else "")
             raise ValueError(f"config key {key} must be {rng}, got {node!r}")
     for key in ("data.val_fraction", "data.test_fraction", "optim.momentum"):
-        value = d[key.split(".")[0]][key.split(".")[1]]
+        value = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
         if value >= 1:
             raise ValueError(f"config key {key} must be < 1, got {value!r}")
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1:

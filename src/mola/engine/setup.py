@@ -96,3 +96,49 @@ def build_optimizer(cfg: RunConfig, params: list[nn.Parameter], heterogeneity: s
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o.step_epochs * max(1, steps_per_epoch),
                                                 gamma=o.step_gamma)
     return opt, sched
+
+
+def epochs_trained(ckpt: dict[str, Any]) -> int:
+    """Epochs a checkpoint has trained, counting a started epoch (a mid-epoch checkpoint) as trained."""
+    done = int(ckpt["epoch"])
+    position = ckpt.get("position") or {}
+    started = int(position.get("batch", 0)) > 0 and int(position.get("epoch", done)) == done
+    return done + int(started)
+
+
+def check_resume_epochs(ckpt: dict[str, Any], epochs: int, where: str) -> None:
+    """Refuse a resume to ``epochs`` (``train.epochs``) that the checkpoint cannot honestly continue to: fewer
+    epochs than it has trained, or more epochs after its cosine schedule has reached its end (lr 0: the extra
+    epochs would train nothing, and climbing back up would not be the schedule that was asked for)."""
+    trained = epochs_trained(ckpt)
+    if epochs < trained:
+        raise ValueError(f"checkpoint {where} has trained {trained} epoch(s); resuming with train.epochs={epochs} "
+                         f"would throw trained epochs away. A resume keeps or raises train.epochs (>= {trained}); "
+                         "to use an earlier state, train a new run into another --out")
+    sched = ckpt.get("scheduler")
+    if epochs > int(ckpt["epoch"]) and isinstance(sched, dict) and "T_max" in sched \
+            and int(sched["last_epoch"]) >= int(sched["T_max"]):
+        raise ValueError(f"checkpoint {where} finished its cosine schedule (lr annealed to its minimum at epoch "
+                         f"{ckpt['epoch']}); resuming to train.epochs={epochs} would train the extra epochs at that "
+                         "lr, and restarting the cosine is not the schedule that was planned. Train a new run with "
+                         f"train.epochs={epochs} into another --out (or use optim.scheduler=step or none, whose "
+                         "runs can be extended)")
+
+
+def replan_schedule(scheduler: Any, steps_total: int, saved_epochs: int, epochs: int, where: str) -> str | None:
+    """Fit a loaded scheduler to a resumed run's new ``train.epochs``; returns the notice stating the new plan
+    (None when nothing changed). Cosine: its length becomes ``steps_total``; the lr then falls monotonically
+    from its current value to the minimum at the new end (never climbs back). Step and none: their lr does not
+    depend on the run's length, so only the number of epochs changes."""
+    cosine = isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    if cosine and scheduler.T_max != max(1, steps_total):
+        scheduler.T_max = max(1, steps_total)
+        lr = float(scheduler.optimizer.param_groups[0]["lr"])
+        return (f"resuming {where} with train.epochs {saved_epochs} -> {epochs}: the cosine schedule is re-planned "
+                f"to end at epoch {epochs} (step {scheduler.T_max}); its lr falls from {lr:.4g} now to "
+                f"{scheduler.eta_min:g} at the new end, never climbing back")
+    if saved_epochs != epochs:
+        kind = "step" if isinstance(scheduler, torch.optim.lr_scheduler.StepLR) else "no"
+        return (f"resuming {where} with train.epochs {saved_epochs} -> {epochs}: the run now ends at epoch {epochs} "
+                f"({kind} lr schedule: its lr does not depend on the run's length)")
+    return None

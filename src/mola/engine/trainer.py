@@ -48,7 +48,14 @@ from mola.engine.selection import (
     select_score,
     selection_label,
 )
-from mola.engine.setup import build_optimizer, resolve_device, seed_everything, validate_names
+from mola.engine.setup import (
+    build_optimizer,
+    check_resume_epochs,
+    replan_schedule,
+    resolve_device,
+    seed_everything,
+    validate_names,
+)
 from mola.files import write_text
 from mola.methods import Method, StepContext, get_domain_method, get_weighting
 from mola.metrics import mean_over_tasks
@@ -165,12 +172,19 @@ class Trainer:
             sections = sorted({d.split(".", 1)[0] for d in diffs})
             raise ValueError(f"checkpoint {where} was written with another {' and '.join(sections)} config; it "
                              f"cannot be loaded here. Differences (checkpoint -> now): {'; '.join(diffs)}")
+        if training:
+            check_resume_epochs(ckpt, self.cfg.train.epochs, str(where))
         load_tensors(self.model, ckpt["model"], f"checkpoint {where}", "model")
         load_tensors(self.method, ckpt["method"], f"checkpoint {where}", "method")
         if training:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             if self.scheduler is not None and ckpt["scheduler"] is not None:
                 self.scheduler.load_state_dict(ckpt["scheduler"])
+            notice = replan_schedule(self.scheduler, self.steps_per_epoch * self.cfg.train.epochs,
+                                     int((saved.get("train") or {}).get("epochs", self.cfg.train.epochs)),
+                                     self.cfg.train.epochs, str(where))
+            if notice:
+                warnings.warn(notice, RuntimeWarning, stacklevel=2)
             self.epoch, self.step = ckpt["epoch"], ckpt["step"]
             self.best_score, self.best_epoch = ckpt["best_score"], ckpt["best_epoch"]
             self.history = list(ckpt["history"])
