@@ -91,3 +91,34 @@ def test_sweep_in_process_runs_single_task_as_separate_runs(tmp_path: Path) -> N
     final = json.loads((run / "final.json").read_text())
     assert final["arch"] == "single_task" and sorted(final["test"]) == ["amazon", "dslr"]
     assert (run / "tasks" / "amazon" / "final.json").is_file() and (run / "tasks" / "dslr" / "final.json").is_file()
+
+
+def test_single_task_resume_checks_everything_before_writing_and_continues_with_more_epochs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    over = _overrides(["model.arch=single_task", "train.epochs=1", "train.max_steps_per_epoch=2"])
+    run = tmp_path / "st"
+    assert main(["train", "--out", str(run), *over]) == 0
+    config = (run / "config.yaml").read_bytes()
+    # a refused resume (another data config) leaves config.yaml as it was
+    assert main(["train", "--out", str(run), "--resume", *over, "data.max_per_task=5"]) == 2
+    assert "data.max_per_task: None -> 5" in capsys.readouterr().err
+    assert (run / "config.yaml").read_bytes() == config
+    # an unfinished sub-run (finished siblings after it): its data/model check comes before any write too
+    (run / "final.json").unlink()
+    (run / "tasks" / DOMAINS[0] / "final.json").unlink()
+    assert main(["train", "--out", str(run), "--resume", *over, "data.max_per_task=5"]) == 2
+    assert "trained with another data/model config" in capsys.readouterr().err
+    assert (run / "config.yaml").read_bytes() == config
+    # more epochs: every sub-run is continued from its checkpoint to the new length
+    with pytest.warns(RuntimeWarning, match="train.epochs 1 -> 2: the run now ends at epoch 2"):
+        assert main(["train", "--out", str(run), "--resume", *over, "train.epochs=2"]) == 0
+    final = json.loads((run / "final.json").read_text())
+    assert final["epochs"] == 2 and yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
+    for d in DOMAINS:
+        assert json.loads((run / "tasks" / d / "final.json").read_text())["epochs"] == 2
+        assert load_checkpoint(checkpoint_path(run / "tasks" / d, "last"))["epoch"] == 2
+    # fewer epochs than trained: refused, nothing rewritten
+    config = (run / "config.yaml").read_bytes()
+    assert main(["train", "--out", str(run), "--resume", *over, "train.epochs=1"]) == 2
+    assert "would throw trained epochs away" in capsys.readouterr().err
+    assert (run / "config.yaml").read_bytes() == config

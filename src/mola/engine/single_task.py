@@ -106,28 +106,58 @@ def _write_metrics(run_dir: Path, tasks: list[str]) -> None:
 
 
 def _finished(sdir: Path, sub: RunConfig) -> dict[str, Any] | None:
-    """The sub-run's final.json if it finished with this config, None if it has not finished; a finished
-    sub-run of another config is a ValueError listing the differences."""
+    """The sub-run's final.json if it finished with this config and at least ``sub.train.epochs`` epochs (more
+    epochs than it trained: None, it is continued), None if it has not finished; a finished sub-run of another
+    config, or of more epochs than asked, is a ValueError listing the differences."""
     from mola.engine.config import load_config
     from mola.engine.run import RESUME_FREE_KEYS, config_diff
 
     done = sdir / "final.json"
     if not done.is_file():
         return None
-    saved = load_config(sdir / "config.yaml").to_dict()
-    diffs = [d for d in config_diff(saved, sub.to_dict()) if d.split(":", 1)[0] not in RESUME_FREE_KEYS
+    saved_cfg = load_config(sdir / "config.yaml")
+    diffs = [d for d in config_diff(saved_cfg.to_dict(), sub.to_dict()) if d.split(":", 1)[0] not in RESUME_FREE_KEYS
              and not d.startswith(("name:", "out_dir:"))]
     if diffs:
         raise ValueError(f"sub-run {sdir} finished with another config ({'; '.join(diffs)}); "
                          "use a new --out folder")
+    if sub.train.epochs < saved_cfg.train.epochs:
+        raise ValueError(f"sub-run {sdir} finished {saved_cfg.train.epochs} epoch(s); resuming with "
+                         f"train.epochs={sub.train.epochs} would throw trained epochs away. A resume keeps or raises "
+                         "train.epochs; train a new run into another --out for fewer")
+    if sub.train.epochs > saved_cfg.train.epochs:
+        if not has_checkpoint(sdir):
+            raise ValueError(f"sub-run {sdir} finished {saved_cfg.train.epochs} epoch(s) and has no checkpoint to "
+                             f"continue to train.epochs={sub.train.epochs} from; train a new run into another --out")
+        return None
     return dict(json.loads(done.read_text()))
+
+
+def _check_resumable(sdir: Path, sub: RunConfig) -> None:
+    """Every check a resume of sub-run ``sdir`` makes, done before anything is written: the checkpoint's data and
+    model config equal ``sub``'s, and ``sub.train.epochs`` can continue it (``check_resume_epochs``)."""
+    from mola.engine.checkpoint import load_latest
+    from mola.engine.run import absolute_root, config_diff
+    from mola.engine.setup import check_resume_epochs
+
+    ckpt = load_latest(sdir)
+    saved, mine = ckpt["config"], sub.to_dict()
+    saved_data = dict(saved.get("data") or {})
+    if isinstance(saved_data.get("root"), str):
+        saved_data["root"] = absolute_root(saved_data["root"])
+    diffs = config_diff({"data": saved_data, "model": saved.get("model")}, {k: mine[k] for k in ("data", "model")})
+    if diffs:
+        raise ValueError(f"sub-run {sdir} was trained with another data/model config; it cannot be resumed with "
+                         f"this one. Differences (checkpoint -> now): {'; '.join(diffs)}; use a new --out folder")
+    check_resume_epochs(ckpt, sub.train.epochs, str(ckpt["path"]))
 
 
 def fit_single_task(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
     """Train every task alone, in sequence, then write the combined ``final.json`` (and return it).
 
-    A finished sub-run (its ``final.json`` with the same config) is reused; one with a checkpoint but no
-    ``final.json`` is resumed with ``resume`` and is an error without it, as for any run.
+    A finished sub-run (its ``final.json`` with the same config) is reused; with more ``train.epochs`` than it
+    trained it is continued. One with a checkpoint but no ``final.json`` is resumed with ``resume`` and is an
+    error without it, as for any run. Every sub-run is checked before anything (config.yaml included) is written.
     """
     from mola.engine.config import dump_config
     from mola.engine.run import absolute_root
@@ -137,19 +167,24 @@ def fit_single_task(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -
     cfg.data.root = absolute_root(cfg.data.root)  # stored absolute, as the Trainer does (and its sub-runs)
     scenario = build_scenario(cfg.data)
     names = [t.name for t in scenario.tasks]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    finals: dict[str, dict[str, Any]] = {}
-    for k, task in enumerate(names):
+    plan: list[tuple[str, RunConfig, Path, dict[str, Any] | None]] = []
+    for task in names:  # every check first: a refused resume leaves the run folder as it was
         sub = task_config(cfg, task, scenario.heterogeneity, scenario.input_shape[0])
         sdir = task_dir(run_dir, task)
         done = _finished(sdir, sub)
+        if done is None and has_checkpoint(sdir):
+            if not resume:
+                raise ValueError(f"sub-run {sdir} already holds a run; pass --resume to continue it")
+            _check_resumable(sdir, sub)
+        plan.append((task, sub, sdir, done))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    finals: dict[str, dict[str, Any]] = {}
+    for k, (task, sub, sdir, done) in enumerate(plan):
         if done is not None:
             print(f"single_task: task {k + 1}/{len(names)} {task!r} already finished in {sdir}", file=sys.stderr)
             finals[task] = done
             continue
-        if has_checkpoint(sdir) and not resume:
-            raise ValueError(f"sub-run {sdir} already holds a run; pass --resume to continue it")
         print(f"single_task: task {k + 1}/{len(names)} {task!r} alone -> {sdir}", file=sys.stderr)
         trainer = Trainer(sub, sdir)
         if resume and has_checkpoint(sdir):
