@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from mola.analysis.paired import MIN_PAIRS, PairedResult, by_seed, paired_differ
 from mola.analysis.results import (
     GroupKey,
     RunResult,
+    check_paired,
     check_pooled,
     find_runs,
     read_run_result,
@@ -218,11 +220,17 @@ def to_markdown(table: ReportTable) -> str:
             if math.isfinite(mean) and math.isfinite(best) and abs(mean - best) <= 1e-12 * max(1.0, abs(best)):
                 text = f"**{text}**"
             cells.append(text)
-        mark = " †" if any(r.selected_on_test for r in row.runs) else ""
+        mark = (" †" if any(r.selected_on_test for r in row.runs) else "") + \
+            (" ‡" if any(r.missing_eval for r in row.runs) else "")
         lines.append(f"| {row.label}{mark} | {len(row.runs)} | " + " | ".join(cells) + " |")
     if any(r.selected_on_test for row in table.rows for r in row.runs):
         lines += ["", "† checkpoint selected on the test split (train.select_on=test_loss, the paper's protocol): "
                   "its test scores are not a held-out estimate."]
+    missing = {f"{split}: {', '.join(names)}" for row in table.rows for r in row.runs
+               for split, names in r.missing_eval.items()}
+    if missing:
+        lines += ["", f"‡ trained with train.allow_missing_eval: some tasks/domains had no rows to evaluate on "
+                  f"({'; '.join(sorted(missing))}); they are absent from selection, their columns and the means."]
     return "\n".join(lines) + "\n"
 
 
@@ -290,9 +298,15 @@ def find_reference(table: ReportTable, ref: str) -> ReportRow:
     raise ValueError(f"--paired {ref!r} names no row of the report; rows: {', '.join(names)}")
 
 
-def paired_rows(table: ReportTable, ref: str, confidence: float = 0.95) -> tuple[ReportRow, list[PairedRow]]:
-    """Pair every other row with the reference row by seed, per task column, Avg and Delta_m (method.md §12)."""
+def paired_rows(table: ReportTable, ref: str, confidence: float = 0.95,
+                allow_diff: Sequence[str] = ()) -> tuple[ReportRow, list[PairedRow]]:
+    """Pair every other row with the reference row by seed, per task column, Avg and Delta_m (method.md §12).
+    Rows whose configs differ from the reference's by more than seed and method are refused (``check_paired``)
+    unless the keys are in ``allow_diff``."""
     base = find_reference(table, ref)
+    for row in table.rows:
+        if row is not base:
+            check_paired(base.runs, row.runs, row.label, allow_diff)
     cols = [c for c in table.columns if c != DELTA_P]
     out = []
     for row in table.rows:
@@ -362,24 +376,26 @@ def scenario_title(table: ReportTable) -> str:
 
 def write_report(paths: list[str | Path], out_dir: str | Path, split: str = "test", metric: str = "acc",
                  checkpoint: str = "best", delta_metrics: str = "primary", paired: str | None = None,
-                 confidence: float = 0.95) -> tuple[list[ReportTable], dict[str, Path]]:
+                 confidence: float = 0.95, allow_diff: Sequence[str] = ()) -> tuple[list[ReportTable], dict[str, Path]]:
     """Load runs, build one table per scenario (and, with ``paired``, the paired comparison against that row)
     and write report.md, report.csv, report.png (report_<k>.png / paired_<k>.csv with several scenarios) and
-    paired.csv into ``out_dir``."""
+    paired.csv into ``out_dir``. Every table and comparison is built before the first file is written, so a
+    refused report leaves no partial output."""
     runs = [read_run_result(p, split, checkpoint) for p in find_runs(paths)]
     tables = [build_table(group, metric, split, checkpoint, delta_metrics) for group in split_by_scenario(runs)]
+    pairs = [paired_rows(table, paired, confidence, allow_diff) if paired is not None else None for table in tables]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"md": out / "report.md", "csv": out / "report.csv"}
     parts = []
-    for k, table in enumerate(tables):
+    for k, (table, pair) in enumerate(zip(tables, pairs, strict=True)):
         suffix = "" if len(tables) == 1 else f"_{k + 1}"
         title = scenario_title(table)
         md = to_markdown(table)
         if len(tables) > 1:
             md = md.replace("# mola report:", f"# mola report {k + 1}/{len(tables)} ({title}):", 1)
-        if paired is not None:
-            base, prows = paired_rows(table, paired, confidence)
+        if pair is not None:
+            base, prows = pair
             md += "\n" + paired_markdown(table, base, prows)
             files[f"paired{suffix}"] = out / f"paired{suffix}.csv"
             write_paired_csv(table, base, prows, files[f"paired{suffix}"])

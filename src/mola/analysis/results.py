@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ class RunResult:
     scores: dict[str, dict[str, float]]
     config: dict[str, Any] | None = None  # the resolved RunConfig as a dict (None: the run has no config.yaml)
     selected_on_test: bool = False  # its checkpoint was chosen on the test split (train.select_on=test_loss)
+    missing_eval: dict[str, list[str]] = field(default_factory=dict)  # split -> tasks with no rows there
 
     @property
     def key(self) -> GroupKey:
@@ -61,6 +63,19 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     return out
 
 
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object file, or a ValueError naming the file, what it should be and the fix."""
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} ({what}) is not valid JSON ({err}); restore it (retraining "
+                         "the run writes it again) or leave this run out of the report") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} ({what}) must hold a JSON object, got {type(data).__name__}; leave this run out "
+                         "or re-create the file")
+    return data
+
+
 def read_config(path: Path) -> dict[str, Any] | None:
     """A run's ``config.yaml`` read through the typed RunConfig (defaults filled in), or None if it has none."""
     cfg = path / "config.yaml"
@@ -78,7 +93,7 @@ def read_config(path: Path) -> dict[str, Any] | None:
 def read_run_result(path: str | Path, split: str = "test", checkpoint: str = "best") -> RunResult:
     """Read ``final.json``, ``config.yaml`` and (for the override label) ``sweep.json`` of one run."""
     path = Path(path)
-    final = json.loads((path / "final.json").read_text())
+    final = read_json(path / "final.json", "a run's results")
     if checkpoint not in ("best", "last"):
         raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     src = final if checkpoint == "best" else final.get("last", {})
@@ -93,12 +108,13 @@ def read_run_result(path: str | Path, split: str = "test", checkpoint: str = "be
     arch = final.get("arch") or model.get("arch", "?")
     mode = final.get("mode") or (model.get("mola", {}).get("mode") if arch == "mola" else None) or ""
     sweep = path / "sweep.json"
-    override = json.loads(sweep.read_text()).get("override_label", "") if sweep.is_file() else ""
+    override = read_json(sweep, "a sweep run's label").get("override_label", "") if sweep.is_file() else ""
     seed = final.get("seed", train.get("seed"))
     return RunResult(path, arch, mode, final.get("weighting") or train.get("weighting", "ew"),
                      final.get("method") or train.get("method", "erm"), override or "", seed,
                      {t: {m: float(v) for m, v in r.items() if isinstance(v, (int, float))} for t, r in scores.items()},
-                     config, final.get("selection", {}).get("valid_protocol", True) is False)
+                     config, final.get("selection", {}).get("valid_protocol", True) is False,
+                     {s: list(v) for s, v in (final.get("missing_eval") or {}).items()})
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -146,5 +162,34 @@ def check_pooled(runs: list[RunResult], label: str) -> None:
                 "put them in separate folders, or give them distinct sweep override labels")
 
 
-__all__ = ["POOL_FREE_KEYS", "SCENARIO_KEYS", "GroupKey", "RunResult", "check_pooled", "find_runs", "read_config",
-           "read_run_result", "scenario_key", "split_by_scenario"]
+ROW_KEYS = ("model.arch", "model.mola.mode", "train.weighting", "train.weighting_options", "train.method",
+            "train.method_options")
+"""Config keys (and sections) that make a report row what it is: paired rows may differ in them."""
+
+
+def _covered(key: str, allowed: Iterable[str]) -> bool:
+    return any(key == a or key.startswith(a + ".") for a in allowed)
+
+
+def check_paired(base: list[RunResult], other: list[RunResult], label: str, allow: Sequence[str] = ()) -> None:
+    """Rows paired by seed must have the same config except the seed, the row's own keys (``ROW_KEYS``),
+    ``POOL_FREE_KEYS`` and the keys (or sections) in ``allow``; else a ValueError naming the differing keys and
+    ``--allow-diff``."""
+    a = next((r for r in base if r.config is not None), None)
+    b = next((r for r in other if r.config is not None), None)
+    if a is None or b is None:
+        return
+    ref, mine = _flat(a.config), _flat(b.config)
+    free = (*POOL_FREE_KEYS, *ROW_KEYS, *allow)
+    diffs = [f"{k}: {ref.get(k, '<absent>')!r} vs {mine.get(k, '<absent>')!r}"
+             for k in sorted(set(ref) | set(mine)) if not _covered(k, free) and ref.get(k) != mine.get(k)]
+    if diffs:
+        keys = sorted({d.split(":", 1)[0] for d in diffs})
+        raise ValueError(
+            f"--paired: row {label!r} differs from the reference by more than the seed and its method "
+            f"({a.path} vs {b.path}: {'; '.join(diffs[:8])}{'; ...' if len(diffs) > 8 else ''}); a paired difference "
+            f"would mix those changes in. If that is intended, pass {' '.join('--allow-diff ' + k for k in keys)}")
+
+
+__all__ = ["POOL_FREE_KEYS", "ROW_KEYS", "SCENARIO_KEYS", "GroupKey", "RunResult", "check_paired", "check_pooled",
+           "find_runs", "read_config", "read_json", "read_run_result", "scenario_key", "split_by_scenario"]

@@ -12,7 +12,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = args.out or (Path(args.run_dirs[0]) / "report" if len(args.run_dirs) == 1 else Path("report"))
     _, files = write_report(args.run_dirs, out, split=args.split, metric=args.metric, checkpoint=args.checkpoint,
-                            delta_metrics=args.delta_metrics, paired=args.paired, confidence=args.confidence)
+                            delta_metrics=args.delta_metrics, paired=args.paired, confidence=args.confidence,
+                            allow_diff=args.allow_diff)
     print(files["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in files.values()))
     return 0
@@ -40,5 +41,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--paired", metavar="REF",
                    help="compare every row with row REF paired by seed (a row label, a sweep variant name such as "
                         "uniform or single_task, or an arch); writes paired.csv")
+    p.add_argument("--allow-diff", action="append", default=[], metavar="KEY",
+                   help="with --paired: let paired rows differ in config KEY (a dotted key or section, e.g. "
+                        "train.epochs); repeatable. Without it, rows that differ by more than seed and method are "
+                        "refused")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the paired interval")
     p.set_defaults(func=cmd_report)

@@ -80,6 +80,33 @@ def require_nonempty(scenario: Scenario, *splits: str) -> None:
                              "data.max_per_task, data.max_eval_per_task and the split fractions")
 
 
+def tasks_without_rows(scenario: Scenario, split: str) -> list[str]:
+    """Names of the tasks (domains) with no row in ``split`` (none for single-input scenarios, whose every row
+    serves every task)."""
+    ds = getattr(scenario, split)
+    if scenario.heterogeneity == "single_input" or len(ds) == 0:
+        return [] if len(ds) else [t.name for t in scenario.tasks]
+    counts = np.bincount(_as_array(ds.task_ids), minlength=scenario.num_tasks)
+    return [scenario.tasks[k].name for k in np.flatnonzero(counts == 0)]
+
+
+def missing_eval_rows(scenario: Scenario, test: bool, allow: bool) -> dict[str, list[str]]:
+    """``{"val": [...], "test": [...]}``: the tasks that would be trained on but left out of selection,
+    final.json and the means for lack of val rows (or of test rows while the test split has some, if ``test``).
+    A ValueError naming them, their train rows and the fix unless ``allow``; with ``allow``, the dict."""
+    missing = {"val": tasks_without_rows(scenario, "val"),
+               "test": tasks_without_rows(scenario, "test") if test and len(scenario.test) else []}
+    missing = {s: names for s, names in missing.items() if names}
+    if missing and not allow:
+        what = "; ".join(f"no {s} rows: {', '.join(map(repr, names))}" for s, names in missing.items())
+        raise ValueError(f"{_where(scenario, 'val/test')}: some tasks/domains would be trained on but never "
+                         f"evaluated ({what}). Give them more samples (the folder layout "
+                         "needs >= 3 images per class for a val row), raise data.val_fraction / data.test_fraction "
+                         "or data.max_eval_per_task, or set train.allow_missing_eval=true to train anyway (final.json "
+                         "and mola report then mark them)")
+    return missing
+
+
 def validate_scenario(scenario: Scenario) -> Scenario:
     """Check ``scenario`` and return it; ValueError naming the split, task, index and value on a problem.
 

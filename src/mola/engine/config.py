@@ -56,6 +56,9 @@ class TrainConfig:
     log_every_steps: int = 50  # steps between reads of the running losses/method outputs (progress bar, TensorBoard)
     tensorboard: bool = True  # write TensorBoard events to RUN_DIR/tb
     single_task_results: str | None = None  # final.json of a single-task run: adds delta_m / delta_p to final.json
+    #: a task/domain with no val (or, while others have some, no test) rows is an error before training; true:
+    #: train anyway, leaving it out of selection and the means, and final.json / mola report mark it
+    allow_missing_eval: bool = False
 
 
 @dataclass
@@ -123,6 +126,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            inside = sorted(f.name for f in p.glob("*.y*ml"))[:5]
+            hint = f" (it holds {', '.join(inside)})" if inside else ""
+            raise ValueError(f"config file {p} is a folder, not a YAML file{hint}; give the path of a .yaml file")
+        if p.exists() and not p.is_file():
+            raise ValueError(f"config file {p} is not a regular file; give the path of a .yaml file")
         if not p.is_file():
             near = sorted(f.name for f in p.parent.glob("*.y*ml")) if p.parent.is_dir() else []
             close = difflib.get_close_matches(p.name, near, n=3)
@@ -130,6 +139,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise FileNotFoundError(f"config file not found: {p}.{hint}")
         try:
             loaded = safe_load_unique(p.read_text())
+        except AliasBombError as err:
+            raise ValueError(f"config file {p}: {err}") from err
         except yaml.YAMLError as err:
             raise ValueError(f"config file {p} is not valid YAML: {err}") from err
         if loaded is not None and not isinstance(loaded, dict):

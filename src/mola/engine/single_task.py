@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mola.data import build_scenario
+from mola.data.validate import missing_eval_rows
 from mola.engine.checkpoint import has_checkpoint
 from mola.engine.config import RunConfig
 from mola.files import write_csv, write_text
@@ -167,6 +168,7 @@ def fit_single_task(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -
     cfg.data.root = absolute_root(cfg.data.root)  # stored absolute, as the Trainer does (and its sub-runs)
     scenario = build_scenario(cfg.data)
     names = [t.name for t in scenario.tasks]
+    missing_eval_rows(scenario, cfg.train.eval_test, cfg.train.allow_missing_eval)  # before any sub-run trains
     plan: list[tuple[str, RunConfig, Path, dict[str, Any] | None]] = []
     for task in names:  # every check first: a refused resume leaves the run folder as it was
         sub = task_config(cfg, task, scenario.heterogeneity, scenario.input_shape[0])

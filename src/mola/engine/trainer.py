@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from mola.data import build_scenario
 from mola.data.base import Scenario
 from mola.data.loaders import make_loaders, set_loader_position
-from mola.data.validate import require_nonempty, validate_scenario
+from mola.data.validate import missing_eval_rows, require_nonempty, validate_scenario
 from mola.engine.checkpoint import (
     RunLock,
     checkpoint_path,
@@ -85,6 +85,11 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.scenario = validate_scenario(scenario) if scenario is not None else build_scenario(cfg.data)
         require_nonempty(self.scenario, "train", "val")
+        self.missing_eval = missing_eval_rows(self.scenario, cfg.train.eval_test, cfg.train.allow_missing_eval)
+        if self.missing_eval:
+            warnings.warn(f"train.allow_missing_eval: {self.missing_eval} are trained on but not evaluated there "
+                          "(left out of selection and the means; final.json records them)", RuntimeWarning,
+                          stacklevel=2)
         self.tasks = self.scenario.tasks
         self.loaders = shard_loaders(make_loaders(self.scenario, cfg.data, cfg.train.seed), self.dist)
         seed_everything(cfg.train.seed)
@@ -434,6 +439,8 @@ class Trainer:
             "mode": self.cfg.model.mola.mode if self.cfg.model.arch == "mola" else None,
             "weighting": self.cfg.train.weighting, "method": self.cfg.train.method, "seed": self.cfg.train.seed,
         }
+        if self.missing_eval:
+            final["missing_eval"] = self.missing_eval
         if self.cfg.train.single_task_results and test:
             final.update(deltas_against_single_task(test, self.tasks, self.cfg.train.single_task_results))
         if self.dist.is_main:
