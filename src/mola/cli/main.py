@@ -21,6 +21,10 @@ def _run_dir(cfg, out: str | None) -> Path:
 RESULT_FILES = ("config.yaml", "metrics.csv", "final.json", "task_centroids.json")
 """Files of a run folder that ``mola train --out`` never silently overwrites."""
 
+RUN_WRITES = (*RESULT_FILES, "checkpoints", "tb", "tasks", "analysis", "report", "sweep.json", "train.log")
+"""Everything ``mola train`` (and ``analyze`` / ``report`` / ``sweep`` with their default outputs) writes into a
+run folder: what ``--overwrite`` removes, so nothing of the old run is left to be mistaken for the new one's."""
+
 _interrupted_hint: list[str] = []  # what a Ctrl-C should tell (set by commands that write resumable state)
 
 
@@ -53,8 +57,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         if results and not resumable and not args.overwrite and not no_results:
             raise ValueError(f"run directory {run_dir} holds {', '.join(results)} but no checkpoint to resume "
                              "from; pass --overwrite to replace them, or --out DIR for a new run")
+        if results and not resumable and args.overwrite and not no_results:
+            _clear_run_folder(run_dir)
         _interrupted_hint[:] = [str(run_dir)]
         return _train(cfg, run_dir, args, resumable)
+
+
+def _clear_run_folder(run_dir: Path) -> None:
+    """``--overwrite``: remove every file and folder the old run wrote (``RUN_WRITES``) and say what went; files
+    mola does not write are left and named."""
+    import shutil
+
+    removed = []
+    for name in RUN_WRITES:
+        path = run_dir / name
+        folder = path.is_dir() and not path.is_symlink()
+        if folder:
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name + ("/" if folder else ""))
+    from mola.engine.checkpoint import LOCK_NAME
+
+    others = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_WRITES and p.name != LOCK_NAME)
+    print(f"--overwrite: removed the old run's {', '.join(removed)} from {run_dir}"
+          + (f"; left alone (not written by mola): {', '.join(others)}" if others else ""), file=sys.stderr)
 
 
 def _train(cfg: Any, run_dir: Path, args: argparse.Namespace, resumable: bool) -> int:

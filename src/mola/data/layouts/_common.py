@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,23 @@ def require_file(path: Path, what: str = "data file") -> None:
         raise FileNotFoundError(f"{what} {str(path)!r} not found")
 
 
+def present_file(path: Path, what: str = "data file") -> bool:
+    """False if nothing is at ``path``; True if it is a regular readable file; else a ValueError naming it and what
+    it is (a dangling link, a device, a folder, ...): a data file that is there but unusable is never skipped."""
+    if not path.is_symlink() and not path.exists():
+        return False
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{what} {str(path)!r} is a link to {os.readlink(path)!r}, which does not exist; fix or "
+                         "remove the link")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        target = f" (a link to {str(path.resolve())!r})" if path.is_symlink() else ""
+        raise ValueError(f"{what} {str(path)!r}{target} is {kind}; replace it with the data file or remove it")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{what} {str(path)!r} is not readable (permissions); fix its permissions")
+    return True
+
+
 def subdirs(path: Path) -> list[Path]:
     """Visible sub-folders of ``path``, sorted by name."""
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
@@ -46,7 +64,7 @@ def image_files(path: Path) -> list[Path]:
     """Visible image files directly in ``path`` (by extension, case-insensitive), sorted by name."""
     return sorted(
         p for p in path.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and present_file(p, "image file")
     )
 
 

@@ -31,6 +31,7 @@ from mola.data.layouts._common import (
     concat_task_ids,
     name_seed,
     pixels_to_unit,
+    present_file,
     require_dir,
     resolve_root,
     stratified_split,
@@ -107,9 +108,9 @@ def read_npy_folder(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
     found = {}
     for s in SPLITS:
         ip, lp = path / f"{s}_images.npy", path / f"{s}_labels.npy"
-        if not ip.is_file():
+        if not present_file(ip, "npy file"):
             continue
-        if not lp.is_file():
+        if not present_file(lp, "npy file"):
             raise ValueError(f"{str(ip)!r} has no matching labels file {str(lp)!r}")
         arrs = []
         for p in (ip, lp):
@@ -127,7 +128,7 @@ def read_npy_folder(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
 
 def discover(root: Path) -> dict[str, Path]:
     """stem -> path of every task (npz file or npy folder) in ``root``."""
-    tasks = {p.stem: p for p in root.glob("*.npz") if p.is_file()}
+    tasks = {p.stem: p for p in root.glob("*.npz") if present_file(p, "npz file")}
     for d in root.iterdir():
         if d.is_dir() and not d.name.startswith(".") and any(d.glob("*_images.npy")):
             tasks[d.name] = d

@@ -28,6 +28,7 @@ from mola.data.layouts._common import (
     class_labels,
     concat_task_ids,
     name_seed,
+    present_file,
     require_dir,
     require_file,
     resolve_root,
@@ -91,7 +92,7 @@ def build_office_caltech10(cfg: DataConfig) -> Scenario:
             raise ValueError(f"unknown office_caltech10 domain(s) {bad}; accepted: {', '.join(DOMAINS)}")
         domains = list(cfg.domains)
     else:
-        domains = [d for d in DOMAINS if (folder / spec["file"](d)).is_file()]
+        domains = [d for d in DOMAINS if present_file(folder / spec["file"](d), "feature file")]
         if not domains:
             expected = ", ".join(str(folder / spec["file"](d)) for d in DOMAINS)
             raise FileNotFoundError(f"no {cfg.feature} feature file found; expected any of: {expected}")
