@@ -9,7 +9,8 @@ from pathlib import Path
 def check_writable_dir(path: Path, what: str) -> None:
     """A folder we will write into: not a file, and creatable/writable; checked before long work starts."""
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{what} {path} is a file, not a folder")
+        raise ValueError(f"{what} {path} is a file, not a folder; give a folder path (it is created if missing) "
+                         "or move the file away")
     parent = path
     while not parent.exists():
         parent = parent.parent

@@ -80,6 +80,7 @@ def export_run(checkpoint: str, task: str, out: str, fmt: str = "pt2", peft: boo
         base_model,
         export_merged,
         export_peft,
+        find_mola,
         peft_adapter,
         reference_forward,
         resolve_task,
@@ -98,6 +99,11 @@ def export_run(checkpoint: str, task: str, out: str, fmt: str = "pt2", peft: boo
     if not router and mixing not in (None, "expert"):
         raise ValueError("--mixing applies to MoLA-Router runs; a MoLA-Grad run folds in the task's own adapter")
     mixing = mixing or ("task-mean" if router else "expert")
+    encoder = find_mola(model)
+    if mixing == "expert" and encoder.num_experts != len(names) and encoder.config.task_to_expert is None:
+        raise ValueError(f"--mixing expert folds in adapter t as task t's, but this router run has "
+                         f"{encoder.num_experts} adapters for {len(names)} tasks (adapter t is not task t's); use "
+                         "--mixing task-mean (the default: the task's mean router weights)")
     mw = _router_mixing(model, cfg, scenario, checkpoint) if mixing == "task-mean" else None
     if peft:
         peft_adapter(model, t, None if mw is None else mw[t])  # fail before writing when a layer has no LoRA form
@@ -144,6 +150,9 @@ def export_run(checkpoint: str, task: str, out: str, fmt: str = "pt2", peft: boo
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from mola.cli.checks import check_writable_dir
+
+    check_writable_dir(Path(args.out), "--out")
     info = export_run(args.checkpoint, args.task, args.out, args.format, args.peft, args.mixing, args.overrides)
     print(f"exported task {info['task']!r} ({info['format']}) to {Path(args.out) / info['file']}; largest "
           f"difference to the MoLA model on validation inputs {info['max_abs_error_vs_mola']:.2e}")

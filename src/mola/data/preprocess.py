@@ -36,6 +36,11 @@ class ImagePreprocessing:
 
         try:
             with Image.open(path) as im:
+                w, h = im.size
+                if w * h > (Image.MAX_IMAGE_PIXELS or float("inf")):  # checked before the pixels are decoded
+                    raise ValueError(f"image {str(path)!r} has {w}x{h} pixels, above the decompression-bomb limit "
+                                     f"of {Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS); resize it first, "
+                                     "or raise that limit if you trust the file")
                 im.load()
                 mode, bands = im.mode, len(im.getbands())
                 if mode not in ACCEPTED_MODES or (mode == "P" and "transparency" in im.info):
@@ -44,7 +49,7 @@ class ImagePreprocessing:
                         f"{self.channels}-channel input and mola predict accepts gray or RGB images (no alpha, "
                         f"CMYK or 16-bit): convert it to {'L' if self.channels == 1 else 'RGB'} first")
                 im = im.convert("L" if (self.gray or self.channels == 1) else "RGB")
-        except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as err:
             raise ValueError(f"cannot read image file {str(path)!r}: {err}") from err
         return self._pipeline(im)
 

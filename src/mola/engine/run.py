@@ -94,6 +94,11 @@ def find_checkpoint(run_or_file: str | os.PathLike[str], which: str = "best") ->
             raise FileNotFoundError(
                 f"{given} is a single_task run: each task's network is its own run under {given / 'tasks'} "
                 f"({', '.join(tasks)}); give one of those, e.g. {given / 'tasks' / tasks[0]}")
+        other = "last" if which == "best" else "best"
+        if checkpoint_path(given, other).is_file():
+            raise FileNotFoundError(f"{given} has no {which} checkpoint ({path.relative_to(given)}) but has a {other} "
+                                    f"one; to use it pass --checkpoint {other} (mola analyze), --which {other} (mola "
+                                    f"eval), or the file {checkpoint_path(given, other)}")
         raise FileNotFoundError(f"{given} is not a mola run directory: it has no {which} checkpoint "
                                 f"({path.relative_to(given)})")
     return path

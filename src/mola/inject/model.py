@@ -217,7 +217,14 @@ class MoLAModel(nn.Module):
         elif _adapter_digest(meta["config"], tensors) != meta["sha256"]:
             raise ValueError(f"corrupt adapter file {path}: the sha256 of its content does not match the one "
                              "recorded when it was written")
-        saved = json.loads(meta["config"])
+        try:
+            saved = json.loads(meta["config"])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"adapter file {path}: its 'config' metadata is not valid JSON ({err}); re-export the "
+                             "adapters with save_adapters") from err
+        if not isinstance(saved, dict):
+            raise ValueError(f"adapter file {path}: its 'config' metadata must be a JSON object, got "
+                             f"{type(saved).__name__}; re-export the adapters with save_adapters")
         mine = json.loads(json.dumps(self._meta_config()))
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
