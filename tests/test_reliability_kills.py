@@ -171,7 +171,7 @@ def test_resume_with_more_epochs_replans_cosine_monotone(setup: tuple[Path, Path
     total = 4 * spe
     expected = [lrs[0] * (1 + math.cos(math.pi * s / total)) / (1 + math.cos(math.pi * spe / total)) for s in steps]
     assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
-    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False)) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
     assert json.loads((run / "final.json").read_text())["epochs"] == 4
 
 
@@ -200,3 +200,26 @@ def test_resume_with_fewer_epochs_is_refused_and_writes_nothing(setup: tuple[Pat
     assert len(lrs) == 4 and json.loads((run / "final.json").read_text())["epochs"] == 4
     if scheduler == "none":
         assert lrs == [0.02] * 4
+
+
+def test_overwrite_removes_everything_the_old_run_wrote(tmp_path: Path, setup: tuple[Path, Path],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    config, ref = setup
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "metrics.csv", "final.json"):
+        (run / name).write_text((ref / name).read_text())
+    (run / "task_centroids.json").write_text("{}")
+    for folder in ("analysis", "tb", "report"):
+        (run / folder).mkdir()
+        (run / folder / "old.txt").write_text("stale")
+    (run / "notes.txt").write_text("mine")
+    assert main(["train", "--config", str(config), "--out", str(run), "--overwrite", "train.epochs=1",
+                 "train.tensorboard=false"]) == 0
+    err = capsys.readouterr().err
+    assert "--overwrite: removed the old run's config.yaml, metrics.csv, final.json, task_centroids.json, tb/, " \
+           "analysis/, report/" in err and "left alone (not written by mola): notes.txt" in err
+    assert not any((run / n).exists() for n in ("analysis", "tb", "report"))
+    assert (run / "notes.txt").read_text() == "mine"
+    assert json.loads((run / "final.json").read_text())["epochs"] == 1
+    assert json.loads((run / "task_centroids.json").read_text()) != {}  # the new run's (a router run writes it)

@@ -49,7 +49,11 @@ class ImagePreprocessing:
                         f"{self.channels}-channel input and mola predict accepts gray or RGB images (no alpha, "
                         f"CMYK or 16-bit): convert it to {'L' if self.channels == 1 else 'RGB'} first")
                 im = im.convert("L" if (self.gray or self.channels == 1) else "RGB")
-        except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as err:
+        except Image.DecompressionBombError as err:
+            raise ValueError(f"image {str(path)!r} is above the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} "
+                             f"pixels (PIL.Image.MAX_IMAGE_PIXELS: {err}); resize it first, or raise that limit if you "
+                             "trust the file") from err
+        except (OSError, UnidentifiedImageError, SyntaxError) as err:
             raise ValueError(f"cannot read image file {str(path)!r}: {err}") from err
         return self._pipeline(im)
 
