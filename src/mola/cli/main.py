@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in the run directory")
     t.add_argument("--overwrite", action="store_true",
                    help="train into a run directory that holds results (config.yaml, metrics.csv, final.json) "
-                        "but no checkpoint, replacing them")
+                        "but no checkpoint: first remove everything the old run wrote there (also tb/, analysis/, "
+                        "report/, task_centroids.json) and say what went")
     t.add_argument("--dry-run", action="store_true",
                    help="check the config (names, data, run directory), build data spec, model, method and "
                         "optimizer, print a summary; train and write nothing (paper presets use a synthetic "
