@@ -251,6 +251,13 @@ def test_paired_refuses_rows_that_differ_by_more_than_seed(tmp_path: Path,
     assert main(["report", str(root), "--paired", "single_task", "--allow-diff", "train.epochs", "--out",
                  str(out)]) == 0
     assert (out / "paired.csv").is_file()
+    # keys that the rows' sweep variants set are the rows' own (their labels show them): no --allow-diff needed
+    for s in range(3):
+        for name, epochs in (("st", 1), ("hps", 3)):
+            (root / f"{name}-s{s}" / "sweep.json").write_text(json.dumps(
+                {"overrides": [f"train.epochs={epochs}"], "override_label": f"e{epochs}"}))
+    assert main(["report", str(root), "--paired", "single_task", "--out", str(tmp_path / "rep2")]) == 0
+    assert (tmp_path / "rep2" / "paired.csv").is_file()
 
 
 def test_paired_reference_missing_in_one_scenario_writes_nothing(tmp_path: Path,

@@ -38,6 +38,7 @@ class RunResult:
     config: dict[str, Any] | None = None  # the resolved RunConfig as a dict (None: the run has no config.yaml)
     selected_on_test: bool = False  # its checkpoint was chosen on the test split (train.select_on=test_loss)
     missing_eval: dict[str, list[str]] = field(default_factory=dict)  # split -> tasks with no rows there
+    override_keys: tuple[str, ...] = ()  # config keys its sweep variant sets (sweep.json): the row's own keys
 
     @property
     def key(self) -> GroupKey:
@@ -108,13 +109,16 @@ def read_run_result(path: str | Path, split: str = "test", checkpoint: str = "be
     arch = final.get("arch") or model.get("arch", "?")
     mode = final.get("mode") or (model.get("mola", {}).get("mode") if arch == "mola" else None) or ""
     sweep = path / "sweep.json"
-    override = read_json(sweep, "a sweep run's label").get("override_label", "") if sweep.is_file() else ""
+    meta = read_json(sweep, "a sweep run's combination") if sweep.is_file() else {}
+    override = meta.get("override_label", "")
+    items = meta.get("overrides") if isinstance(meta.get("overrides"), list) else []
+    override_keys = tuple(sorted({str(o).split("=", 1)[0].strip() for o in items}))
     seed = final.get("seed", train.get("seed"))
     return RunResult(path, arch, mode, final.get("weighting") or train.get("weighting", "ew"),
                      final.get("method") or train.get("method", "erm"), override or "", seed,
                      {t: {m: float(v) for m, v in r.items() if isinstance(v, (int, float))} for t, r in scores.items()},
                      config, final.get("selection", {}).get("valid_protocol", True) is False,
-                     {s: list(v) for s, v in (final.get("missing_eval") or {}).items()})
+                     {s: list(v) for s, v in (final.get("missing_eval") or {}).items()}, override_keys)
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -162,8 +166,8 @@ def check_pooled(runs: list[RunResult], label: str) -> None:
                 "put them in separate folders, or give them distinct sweep override labels")
 
 
-ROW_KEYS = ("model.arch", "model.mola.mode", "train.weighting", "train.weighting_options", "train.method",
-            "train.method_options")
+ROW_KEYS = ("model.arch", "model.options", "model.mola.mode", "train.weighting", "train.weighting_options",
+            "train.method", "train.method_options")
 """Config keys (and sections) that make a report row what it is: paired rows may differ in them."""
 
 
@@ -172,15 +176,15 @@ def _covered(key: str, allowed: Iterable[str]) -> bool:
 
 
 def check_paired(base: list[RunResult], other: list[RunResult], label: str, allow: Sequence[str] = ()) -> None:
-    """Rows paired by seed must have the same config except the seed, the row's own keys (``ROW_KEYS``),
-    ``POOL_FREE_KEYS`` and the keys (or sections) in ``allow``; else a ValueError naming the differing keys and
-    ``--allow-diff``."""
+    """Rows paired by seed must have the same config except the seed, the row's own keys (``ROW_KEYS`` and the
+    keys their sweep variants set, which the row labels show), ``POOL_FREE_KEYS`` and the keys (or sections) in
+    ``allow``; else a ValueError naming the differing keys and ``--allow-diff``."""
     a = next((r for r in base if r.config is not None), None)
     b = next((r for r in other if r.config is not None), None)
     if a is None or b is None:
         return
     ref, mine = _flat(a.config), _flat(b.config)
-    free = (*POOL_FREE_KEYS, *ROW_KEYS, *allow)
+    free = (*POOL_FREE_KEYS, *ROW_KEYS, *a.override_keys, *b.override_keys, *allow)
     diffs = [f"{k}: {ref.get(k, '<absent>')!r} vs {mine.get(k, '<absent>')!r}"
              for k in sorted(set(ref) | set(mine)) if not _covered(k, free) and ref.get(k) != mine.get(k)]
     if diffs:

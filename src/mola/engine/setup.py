@@ -134,9 +134,10 @@ def replan_schedule(scheduler: Any, steps_total: int, saved_epochs: int, epochs:
     if cosine and scheduler.T_max != max(1, steps_total):
         scheduler.T_max = max(1, steps_total)
         lr = float(scheduler.optimizer.param_groups[0]["lr"])
-        return (f"resuming {where} with train.epochs {saved_epochs} -> {epochs}: the cosine schedule is re-planned "
-                f"to end at epoch {epochs} (step {scheduler.T_max}); its lr falls from {lr:.4g} now to "
-                f"{scheduler.eta_min:g} at the new end, never climbing back")
+        why = f"train.epochs {saved_epochs} -> {epochs}" if saved_epochs != epochs else "another number of steps"
+        return (f"resuming {where} with {why}: the cosine schedule is re-planned to end at epoch {epochs} (step "
+                f"{scheduler.T_max}); its lr falls from {lr:.4g} now to {scheduler.eta_min:g} at the new end, never "
+                "climbing back")
     if saved_epochs != epochs:
         kind = "step" if isinstance(scheduler, torch.optim.lr_scheduler.StepLR) else "no"
         return (f"resuming {where} with train.epochs {saved_epochs} -> {epochs}: the run now ends at epoch {epochs} "
