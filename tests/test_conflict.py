@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_data import make_office, shared_dir
 from torch import nn
 
+from fixtures_data import make_office, shared_dir
 from mola.cli.main import main
 from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
 from mola.engine import Trainer, load_config

@@ -349,8 +349,9 @@ class Trainer:
             return {}
         from mola.engine.conflict import model_conflict, summary_columns
 
-        result = model_conflict(self.model, self.scenario, self.cfg.train.conflict_batches, self.cfg.data.batch_size,
-                                seed=self.cfg.train.seed + self.epoch, target_modules=self.cfg.model.mola.target_modules,
+        cfg = self.cfg
+        result = model_conflict(self.model, self.scenario, cfg.train.conflict_batches, cfg.data.batch_size,
+                                seed=cfg.train.seed + self.epoch, target_modules=cfg.model.mola.target_modules,
                                 device=self.device)
         return summary_columns(result)
 
