@@ -239,3 +239,21 @@ def test_cli_conflict_writes_every_pair_and_level(tmp_path: Path, capsys: pytest
     assert "most conflicting pairs" in text and "mean pair cosine" in text
     assert main(["conflict", "--config", str(cfg), "--batches", "0", "--out", str(out)]) == 2
     assert main(["conflict", "--out", str(out)]) == 2  # neither --config nor --checkpoint
+
+
+def test_hps_wide_reaches_mola_grad_parameter_count_at_the_smallest_width() -> None:
+    sc = _twin_scenario()
+    cfg = ModelConfig(arch="hps_wide")
+    cfg.backbone.name, cfg.backbone.width = "small_cnn", 4
+    cfg.mola.rank = 8
+    wide = build_model(sc, cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    grad_cfg = ModelConfig(arch="mola", backbone=cfg.backbone, mola=cfg.mola)
+    target = count(build_model(sc, grad_cfg))
+    assert wide.target_params == target and count(wide) >= target
+    narrower = ModelConfig(arch="hps")
+    narrower.backbone.name, narrower.backbone.width = "small_cnn", wide.width - 1
+    assert count(build_model(sc, narrower)) < target < count(wide)
+    cfg.backbone.name = "resnet18"
+    with pytest.raises(ValueError, match="no width setting"):
+        build_model(sc, cfg)
