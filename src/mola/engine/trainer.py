@@ -12,6 +12,7 @@ import math
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from mola.engine.checkpoint import (
 )
 from mola.engine.config import RunConfig, check_values, dump_config
 from mola.engine.distributed import init_distributed, shard_loaders, wrap_ddp
-from mola.engine.evaluate import evaluate, forward_losses, to_device
+from mola.engine.evaluate import evaluate, forward_losses, host_batch
 from mola.engine.logs import RunningMeans, tensorboard, write_metrics
 from mola.engine.run import RESUME_FREE_KEYS, absolute_root, config_diff, load_run, load_tensors
 from mola.engine.selection import (
@@ -58,6 +59,17 @@ from mola.models.base import MultiTaskModel
 
 def _loss_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+@dataclass
+class _EpochSums:
+    """What one epoch accumulates: per-task loss sums (device) and step counts (host), and the running means of
+    the current logging interval (losses, method outputs)."""
+
+    sums: Tensor
+    counts: Tensor
+    interval: RunningMeans
+    method_interval: RunningMeans
 
 
 class Trainer:
@@ -229,106 +241,126 @@ class Trainer:
                 writer.add_scalar(f"step/{k}", v, self.step)
 
     def train_epoch(self, progress: Any = None, writer: Any = None) -> dict[int, float]:
-        """One epoch (from the current batch on); returns each task's mean training loss. Loss sums and method
-        outputs stay on the device: one step costs at most 2 host syncs (task counts, finite-loss check)."""
+        """One epoch (from the current batch on); returns each task's mean training loss. Task groups are
+        computed on the host and loss sums and method outputs stay on the device: one step costs one host sync
+        on an accelerator, the finite-loss check (a gradient method adds its Gram matrix; docs/performance.md)."""
         self.model.train()
         self.method.train()
         loader = self.loaders["train"]
         first = self.batch_in_epoch
         set_loader_position(loader, self.epoch, first)
-        dtype = _loss_dtype(self.device)
-        sums = torch.zeros(len(self.tasks), dtype=dtype, device=self.device)
-        counts = torch.zeros(len(self.tasks), dtype=torch.float64)
-        if self._epoch_loss is not None:
-            sums.copy_(self._epoch_loss[0])
-            counts.copy_(self._epoch_loss[1])
-        interval, method_interval = RunningMeans(), RunningMeans()
-        amp = self.cfg.train.amp and self.device.type == "cuda"
-        every = self.cfg.train.checkpoint_every_steps
-        log_every = self.cfg.train.log_every_steps
-        for i, (x, y, t) in enumerate(loader if first < self.steps_per_epoch else (), start=first):
+        acc = self._epoch_accumulators()
+        for i, batch in enumerate(loader if first < self.steps_per_epoch else (), start=first):
             if i >= self.steps_per_epoch:
                 break
-            x, y, t = to_device(x, self.device), to_device(y, self.device), to_device(t, self.device)
-            buffers = ([b.detach().clone() for b in self.model.buffers()]
-                       if self.cfg.train.on_nonfinite == "skip" else None)  # to undo a skipped step's BN stats
-            sync = self.ddp.no_sync() if self._manual_sync else nullcontext()
-            with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                if self.ddp is not None:  # DDP: forward and extra loss (TwD on the global batch's codes) together
-                    outs, extra = self.ddp(x, t, self.dist.gather_rows)
-                    outputs, losses, targets = self._forward_losses(x, y, t, outputs=outs)
-                else:
-                    outputs, losses, targets = self._forward_losses(x, y, t)
-                    extra = self.model.extra_loss()
-            losses = self.dist.global_losses(losses, targets, self.tasks)  # DDP: global-batch means
-            named = [v.detach().float() for v in losses.values()]
-            if extra is not None:  # the architecture's extra loss (lambda * TwD) is checked like the task losses
-                named.append(extra.detach().float().reshape(()))
-            vals = torch.stack(named)
-            if not bool(torch.isfinite(vals).all()):
-                bad = [self.tasks[k].name for k, v in losses.items() if not torch.isfinite(v.detach())]
-                if extra is not None and not bool(torch.isfinite(extra.detach()).all()):
-                    bad.append(f"{self._extra_name()} (the architecture's extra loss)")
-                if self.cfg.train.on_nonfinite == "skip" and \
-                        self._skips_in_a_row + 1 < max(1, self.cfg.train.max_consecutive_skips):
-                    if self.ddp is not None and not self._manual_sync:  # DDP waits for the backward of a forward
-                        torch.stack([v.float() for v in losses.values()]).sum().mul(0.0).backward()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    for b, old in zip(self.model.buffers(), buffers or [], strict=True):
-                        b.copy_(old)
-                    self.step += 1
-                    self.skipped_steps += 1
-                    self._skips_in_a_row += 1
-                    warnings.warn(f"skipped step {self.step - 1} (epoch {self.epoch}, batch {i}): non-finite loss "
-                                  f"for task(s) {', '.join(bad)} (train.on_nonfinite=skip)", RuntimeWarning,
-                                  stacklevel=2)
-                    continue
-                if self.cfg.train.on_nonfinite == "skip":
-                    raise NonFiniteLossError(
-                        f"non-finite loss at epoch {self.epoch} step {self.step} (batch {i}) for task(s) "
-                        f"{', '.join(bad)}: {self._skips_in_a_row + 1} steps in a row were non-finite "
-                        f"(train.max_consecutive_skips={self.cfg.train.max_consecutive_skips}), so skipping "
-                        f"cannot help; last good checkpoint: {self._last_good()} (lower optim.lr, set "
-                        "optim.grad_clip, or check the data)")
-                raise NonFiniteLossError(
-                    f"non-finite loss at epoch {self.epoch} step {self.step} (batch {i}) for task(s) "
-                    f"{', '.join(bad)}; last good checkpoint: {self._last_good()} "
-                    "(resume from it with `mola train --resume`, or set train.on_nonfinite=skip to skip such steps)"
-                )
-            self._skips_in_a_row = 0
-            ctx = StepContext(model=self.model, shared_params=self.shared_params, task_params=self.task_params,
-                              task_ids=t, num_tasks=len(self.tasks), features=self.model.features,
-                              outputs=outputs, targets=targets, extra_loss=extra, epoch=self.epoch, step=self.step,
-                              dist=self.dist if self.dist.enabled else None)
-            self.optimizer.zero_grad(set_to_none=True)
-            logged = self.method.backward(losses, ctx)
-            if self.ddp is not None:  # DDP averaged the model's gradients, except under no_sync
-                self.dist.average_gradients(self.params if self._manual_sync
-                                            else [p for p in self.method.parameters() if p.requires_grad])
-            if self.cfg.optim.grad_clip is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-            self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
-            for k, v in losses.items():  # on the device: read once per logging interval and per epoch
-                sums[k] += v.detach().to(dtype)
-                counts[k] += 1
-            interval.add({str(k): v for k, v in losses.items()})
-            method_interval.add(logged or {})
-            self._method_epoch.add(logged or {})
+            if not self._train_step(i, batch, acc):
+                continue
             self.step += 1
             if progress is not None:
                 progress.update(1)
-            if log_every and self.step % log_every == 0:
-                self._log_interval(progress, interval, method_interval, writer)
-            if every and self.step % every == 0 and i + 1 < self.steps_per_epoch:
-                self.batch_in_epoch, self._epoch_loss = i + 1, (sums, counts)
-                self.save("last")
+            self._after_step(i, acc, progress, writer)
         self.batch_in_epoch, self._epoch_loss = 0, None
-        total = sums.tolist()  # the epoch's one read of the loss sums
-        means = {k: total[k] / float(counts[k]) for k in range(len(self.tasks)) if counts[k] > 0}
+        total = acc.sums.tolist()  # the epoch's one read of the loss sums
+        means = {k: total[k] / float(acc.counts[k]) for k in range(len(self.tasks)) if acc.counts[k] > 0}
         self.method.on_epoch_end(self.epoch, means)
         return means
+
+    def _epoch_accumulators(self) -> _EpochSums:
+        """Per-task loss sums (on the device) and step counts, continued from a mid-epoch checkpoint."""
+        acc = _EpochSums(torch.zeros(len(self.tasks), dtype=_loss_dtype(self.device), device=self.device),
+                         torch.zeros(len(self.tasks), dtype=torch.float64), RunningMeans(), RunningMeans())
+        if self._epoch_loss is not None:
+            acc.sums.copy_(self._epoch_loss[0])
+            acc.counts.copy_(self._epoch_loss[1])
+        return acc
+
+    def _forward(self, x: Tensor, y: Any, t: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor], Any, Any]:
+        """(outputs, per-task losses, targets, extra loss) of one batch; under DDP the global-batch means."""
+        amp = self.cfg.train.amp and self.device.type == "cuda"
+        sync = self.ddp.no_sync() if self._manual_sync else nullcontext()
+        with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            if self.ddp is not None:  # DDP: forward and extra loss (TwD on the global batch's codes) together
+                outs, extra = self.ddp(x, t, self.dist.gather_rows)
+                outputs, losses, targets = self._forward_losses(x, y, t, outputs=outs)
+            else:
+                outputs, losses, targets = self._forward_losses(x, y, t)
+                extra = self.model.extra_loss()
+        losses = self.dist.global_losses(losses, targets, self.tasks)  # DDP: global-batch means
+        return outputs, losses, targets, extra
+
+    def _train_step(self, i: int, batch: Any, acc: _EpochSums) -> bool:
+        """Forward, finite check, method backward and optimizer step on batch ``i``; False if it was skipped."""
+        x, y, t = host_batch(self.model, batch, self.device)
+        buffers = ([b.detach().clone() for b in self.model.buffers()]
+                   if self.cfg.train.on_nonfinite == "skip" else None)  # to undo a skipped step's BN stats
+        outputs, losses, targets, extra = self._forward(x, y, t)
+        named = [v.detach().float() for v in losses.values()]
+        if extra is not None:  # the architecture's extra loss (lambda * TwD) is checked like the task losses
+            named.append(extra.detach().float().reshape(()))
+        if not bool(torch.isfinite(torch.stack(named)).all()):  # the step's one host sync
+            self._skip_nonfinite(i, losses, extra, buffers)
+            return False
+        self._skips_in_a_row = 0
+        ctx = StepContext(model=self.model, shared_params=self.shared_params, task_params=self.task_params,
+                          task_ids=t, num_tasks=len(self.tasks), features=self.model.features,
+                          outputs=outputs, targets=targets, extra_loss=extra, epoch=self.epoch, step=self.step,
+                          dist=self.dist if self.dist.enabled else None)
+        self.optimizer.zero_grad(set_to_none=True)
+        logged = self.method.backward(losses, ctx)
+        if self.ddp is not None:  # DDP averaged the model's gradients, except under no_sync
+            self.dist.average_gradients(self.params if self._manual_sync
+                                        else [p for p in self.method.parameters() if p.requires_grad])
+        if self.cfg.optim.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        for k, v in losses.items():  # on the device: read once per logging interval and per epoch
+            acc.sums[k] += v.detach().to(acc.sums.dtype)
+            acc.counts[k] += 1
+        acc.interval.add({str(k): v for k, v in losses.items()})
+        acc.method_interval.add(logged or {})
+        self._method_epoch.add(logged or {})
+        return True
+
+    def _skip_nonfinite(self, i: int, losses: dict[int, Tensor], extra: Tensor | None,
+                        buffers: list[Tensor] | None) -> None:
+        """A non-finite loss on batch ``i``: skip the step (``train.on_nonfinite=skip``, undoing its BN statistics)
+        or raise a NonFiniteLossError naming the tasks and the last good checkpoint."""
+        bad = [self.tasks[k].name for k, v in losses.items() if not torch.isfinite(v.detach())]
+        if extra is not None and not bool(torch.isfinite(extra.detach()).all()):
+            bad.append(f"{self._extra_name()} (the architecture's extra loss)")
+        where = f"epoch {self.epoch} step {self.step} (batch {i})"
+        limit = self.cfg.train.max_consecutive_skips
+        if self.cfg.train.on_nonfinite != "skip":
+            raise NonFiniteLossError(
+                f"non-finite loss at {where} for task(s) {', '.join(bad)}; last good checkpoint: {self._last_good()} "
+                "(resume from it with `mola train --resume`, or set train.on_nonfinite=skip to skip such steps)")
+        if self._skips_in_a_row + 1 >= max(1, limit):
+            raise NonFiniteLossError(
+                f"non-finite loss at {where} for task(s) {', '.join(bad)}: {self._skips_in_a_row + 1} steps in a row "
+                f"were non-finite (train.max_consecutive_skips={limit}), so skipping cannot help; last good "
+                f"checkpoint: {self._last_good()} (lower optim.lr, set optim.grad_clip, or check the data)")
+        if self.ddp is not None and not self._manual_sync:  # DDP waits for the backward of a forward
+            torch.stack([v.float() for v in losses.values()]).sum().mul(0.0).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        for b, old in zip(self.model.buffers(), buffers or [], strict=True):
+            b.copy_(old)
+        self.step += 1
+        self.skipped_steps += 1
+        self._skips_in_a_row += 1
+        warnings.warn(f"skipped step {self.step - 1} (epoch {self.epoch}, batch {i}): non-finite loss for task(s) "
+                      f"{', '.join(bad)} (train.on_nonfinite=skip)", RuntimeWarning, stacklevel=3)
+
+    def _after_step(self, i: int, acc: _EpochSums, progress: Any, writer: Any) -> None:
+        """Every ``train.log_every_steps``: log the interval's means; every ``train.checkpoint_every_steps``: a
+        mid-epoch ``last`` checkpoint (not after the epoch's final batch: the epoch end writes one)."""
+        log_every, every = self.cfg.train.log_every_steps, self.cfg.train.checkpoint_every_steps
+        if log_every and self.step % log_every == 0:
+            self._log_interval(progress, acc.interval, acc.method_interval, writer)
+        if every and self.step % every == 0 and i + 1 < self.steps_per_epoch:
+            self.batch_in_epoch, self._epoch_loss = i + 1, (acc.sums, acc.counts)
+            self.save("last")
 
     def evaluate(self, split: str, progress: bool = False) -> dict[str, dict[str, float]]:
         """Metrics per task on ``split`` ("val" or "test"), plus each task's mean loss."""

@@ -114,6 +114,11 @@ class MultiTaskModel(nn.Module):
             self._groups_cache = cached = (*key, task_groups(task_ids, self.num_tasks))
         return cached[2]
 
+    def use_task_groups(self, task_ids: Tensor, groups: tuple[Tensor, list[int]]) -> None:
+        """Take ``groups`` (``task_groups`` of ``task_ids``, computed by the caller, e.g. on the host before the
+        batch moved to the device) as this batch's grouping: the forward then makes no host sync for it."""
+        self._groups_cache = (task_ids, _version(task_ids), groups)
+
     def task_rows(self, task_ids: Tensor) -> dict[int, Tensor]:
         """Row indices of each present task of ``task_ids`` (cached per batch, see ``task_groups``)."""
         return rows_of_groups(*self.task_groups(task_ids))

@@ -19,14 +19,20 @@ from mola.methods.gradient._solvers import combine, gram
 from mola.methods.gradient.base import GradientMethod
 
 
+def host_orders(num_tasks: int, generator: torch.Generator | None = None) -> list[list[int]]:
+    """The random task order of each task's projections: ``num_tasks`` draws of ``torch.randperm`` on the host
+    (CPU), read together."""
+    return torch.stack([torch.randperm(num_tasks, generator=generator) for _ in range(num_tasks)]).tolist()
+
+
 def weights(K: np.ndarray, generator: torch.Generator | None = None) -> np.ndarray:
-    """Coefficients c with direction = c @ G, given the Gram matrix K; orders from ``torch.randperm``."""
+    """Coefficients c with direction = c @ G, given the Gram matrix K; orders from ``host_orders``."""
     T = K.shape[0]
     total = np.zeros(T)
-    for i in range(T):
+    for i, order in enumerate(host_orders(T, generator)):
         coef = np.zeros(T)
         coef[i] = 1.0
-        for j in torch.randperm(T, generator=generator).tolist():
+        for j in order:
             if j == i or K[j, j] <= 0.0:
                 continue
             dot = float(coef @ K[:, j])  # <current g_i, original g_j>
