@@ -478,6 +478,7 @@ def test_train_dry_run_cli_writes_nothing(tmp_path: Path, capsys: pytest.Capture
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_paper_smoke_tiny_on_cpu(capsys: pytest.CaptureFixture[str], offline_hub: Path) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:

@@ -94,6 +94,7 @@ def test_kill_at_each_write_point_then_resume_is_bit_identical(setup: tuple[Path
     assert not (run / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_real_process_killed_between_best_and_last_writes(setup: tuple[Path, Path], tmp_path: Path) -> None:
     """The issue's case, in a fresh interpreter: killed after the 2nd `best` is written, before its `last`."""
     config, ref = setup
