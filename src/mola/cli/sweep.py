@@ -111,34 +111,26 @@ def _resolve(path: str, sweep_dir: Path | None) -> Path:
     return alt if alt.exists() else p
 
 
-def parse_sweep(data: dict[str, Any], sweep_dir: Path | None = None) -> SweepSpec:
-    """Validate a sweep mapping (errors name the offending key and the accepted ones)."""
-    if not isinstance(data, dict):
-        raise ValueError("a sweep file must hold a mapping with keys " + ", ".join(SWEEP_KEYS))
-    unknown = sorted(set(data) - set(SWEEP_KEYS))
-    if unknown:
-        raise ValueError(f"unknown sweep key(s) {unknown}; accepted: {list(SWEEP_KEYS)}")
-    if not data.get("base"):
-        raise ValueError("sweep key 'base' (path to a run config) is required")
-    base = _resolve(str(data["base"]), sweep_dir)
-    if not base.is_file():
-        raise FileNotFoundError(f"sweep base config not found: {base}")
-    grid_in = data.get("grid") or {}
+def _parse_grid(grid_in: Any) -> dict[str, list[Any]]:
+    """The sweep's ``grid``: each axis of GRID_AXES a non-empty list (seeds integers, other values strings)."""
     if not isinstance(grid_in, dict):
         raise ValueError(f"sweep 'grid' must be a mapping of axes {list(GRID_AXES)}")
     bad = sorted(set(grid_in) - set(GRID_AXES))
     if bad:
         raise ValueError(f"unknown sweep grid axis {bad}; accepted: {list(GRID_AXES)} (use 'overrides' for others)")
     grid: dict[str, list[Any]] = {}
-    for axis in GRID_AXES:
-        if axis in grid_in:
-            vals = grid_in[axis] if isinstance(grid_in[axis], list) else [grid_in[axis]]
-            if not vals:
-                raise ValueError(f"sweep grid axis {axis!r} is empty")
-            if axis == "seed" and not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-                raise ValueError(f"sweep grid.seed must hold integers, got {vals}")
-            grid[axis] = [v if axis == "seed" else str(v) for v in vals]
-    ov_in = data.get("overrides") or {}
+    for axis in (a for a in GRID_AXES if a in grid_in):
+        vals = grid_in[axis] if isinstance(grid_in[axis], list) else [grid_in[axis]]
+        if not vals:
+            raise ValueError(f"sweep grid axis {axis!r} is empty")
+        if axis == "seed" and not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+            raise ValueError(f"sweep grid.seed must hold integers, got {vals}")
+        grid[axis] = [v if axis == "seed" else str(v) for v in vals]
+    return grid
+
+
+def _parse_overrides(ov_in: Any) -> dict[str, list[tuple[str, list[str]]]]:
+    """The sweep's ``overrides``: axis name -> labelled lists of dotted.key=value items (labels unique)."""
     if not isinstance(ov_in, dict):
         raise ValueError("sweep 'overrides' must map an axis name to a list of dotted.key=value items")
     overrides: dict[str, list[tuple[str, list[str]]]] = {}
@@ -151,6 +143,23 @@ def parse_sweep(data: dict[str, Any], sweep_dir: Path | None = None) -> SweepSpe
         if len(set(labels)) != len(labels):
             raise ValueError(f"sweep overrides.{axis}: two values share the label {labels}; label them {{name: ...}}")
         overrides[str(axis)] = parsed
+    return overrides
+
+
+def parse_sweep(data: dict[str, Any], sweep_dir: Path | None = None) -> SweepSpec:
+    """Validate a sweep mapping (errors name the offending key and the accepted ones)."""
+    if not isinstance(data, dict):
+        raise ValueError("a sweep file must hold a mapping with keys " + ", ".join(SWEEP_KEYS))
+    unknown = sorted(set(data) - set(SWEEP_KEYS))
+    if unknown:
+        raise ValueError(f"unknown sweep key(s) {unknown}; accepted: {list(SWEEP_KEYS)}")
+    if not data.get("base"):
+        raise ValueError("sweep key 'base' (path to a run config) is required")
+    base = _resolve(str(data["base"]), sweep_dir)
+    if not base.is_file():
+        raise FileNotFoundError(f"sweep base config not found: {base}")
+    grid = _parse_grid(data.get("grid") or {})
+    overrides = _parse_overrides(data.get("overrides") or {})
     out_dir = Path(str(data.get("out_dir") or Path("runs") / "sweep")).expanduser()
     return SweepSpec(base, out_dir, grid, overrides)
 

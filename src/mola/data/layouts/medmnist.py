@@ -158,6 +158,50 @@ def _resolve_tasks(requested: list[str] | None, found: dict[str, Path], root: Pa
     return stems
 
 
+def _read_split_files(path: Path) -> dict[str, tuple[Tensor, np.ndarray]]:
+    """The (images, labels) of each split stored in one task's npz file / npy folder, checked."""
+    raw = read_npy_folder(path)[0] if path.is_dir() else read_npz(path)
+    data = {}
+    for s, (x, y) in raw.items():
+        where = f"{str(path)!r} split {s!r}"
+        xi, yi = images_to_tensor(x, where), _labels(y, where)
+        if len(xi) != len(yi):
+            raise ValueError(f"{where}: {len(xi)} images but {len(yi)} labels")
+        data[s] = (xi, yi)
+    sizes = {s: tuple(data[s][0].shape[-2:]) for s in data if len(data[s][0])}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"{str(path)!r}: splits hold images of different sizes ("
+                         + ", ".join(f"{s} {hw[0]}x{hw[1]}" for s, hw in sizes.items()) + "); use one resolution")
+    return data
+
+
+def _read_task(path: Path, stem: str, name: str, cfg: DataConfig
+               ) -> tuple[dict[str, tuple[Tensor, np.ndarray]], TaskInfo, str]:
+    """One task's train/val/test (re-split when the file lacks some splits, capped), its TaskInfo and a note
+    saying what was re-split ("" if nothing)."""
+    rng = name_seed(cfg.split_seed, stem)
+    data = _read_split_files(path)
+    have = list(data) if path.is_dir() else list(SPLITS)
+    if stem in MULTI_LABEL:
+        raise ValueError(f"{str(path)!r}: {stem} is multi-label; not supported as a multi-class task")
+    note = ""
+    if len(have) < len(SPLITS):
+        xs = torch.cat([data[s][0] for s in have])
+        ys = np.concatenate([data[s][1] for s in have])
+        tr, va, te = stratified_split(ys, cfg.val_fraction, cfg.test_fraction, rng)
+        data = {"train": (xs[tr], ys[tr]), "val": (xs[va], ys[va]), "test": (xs[te], ys[te])}
+        note = (f"{name}: only {'/'.join(have)} images exist in {path.name}/; their {len(ys)} images were "
+                f"re-split (seeded, stratified) into train/val/test {len(tr)}/{len(va)}/{len(te)}")
+    idx = cap_splits({s: np.arange(len(data[s][1])) for s in SPLITS}, cfg, rng)
+    data = {s: (data[s][0][idx[s]], data[s][1][idx[s]]) for s in SPLITS}
+    ymax = max((int(data[s][1].max()) for s in SPLITS if len(data[s][1])), default=0)
+    known = next((n for k, n in KNOWN_CLASSES.items() if stem.lower().startswith(k)), None)
+    ncls = known if known is not None else ymax + 1
+    if ymax >= ncls or min((int(data[s][1].min()) for s in SPLITS if len(data[s][1])), default=0) < 0:
+        raise ValueError(f"{str(path)!r}: labels outside 0..{ncls - 1}")
+    return data, TaskInfo(name, "classification", ncls), note
+
+
 @SCENARIOS.register("medmnist")
 def build_medmnist(cfg: DataConfig) -> Scenario:
     """MedMNIST npz files / npy folders -> a multi-input Scenario, one task (and head) per file."""
@@ -173,43 +217,9 @@ def build_medmnist(cfg: DataConfig) -> Scenario:
     infos: list[TaskInfo] = []
     notes: list[str] = []
     for stem, name in zip(stems, names, strict=True):
-        path = found[stem]
-        rng = name_seed(cfg.split_seed, stem)
-        if path.is_dir():
-            raw, have = read_npy_folder(path)
-        else:
-            raw, have = read_npz(path), list(SPLITS)
-        data = {}
-        for s, (x, y) in raw.items():
-            where = f"{str(path)!r} split {s!r}"
-            xi, yi = images_to_tensor(x, where), _labels(y, where)
-            if len(xi) != len(yi):
-                raise ValueError(f"{where}: {len(xi)} images but {len(yi)} labels")
-            data[s] = (xi, yi)
-        sizes = {s: tuple(data[s][0].shape[-2:]) for s in data if len(data[s][0])}
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"{str(path)!r}: splits hold images of different sizes ("
-                             + ", ".join(f"{s} {hw[0]}x{hw[1]}" for s, hw in sizes.items()) + "); use one resolution")
-        if stem in MULTI_LABEL:
-            raise ValueError(f"{str(path)!r}: {stem} is multi-label; not supported as a multi-class task")
-        if len(have) < len(SPLITS):
-            xs = torch.cat([data[s][0] for s in have])
-            ys = np.concatenate([data[s][1] for s in have])
-            tr, va, te = stratified_split(ys, cfg.val_fraction, cfg.test_fraction, rng)
-            data = {"train": (xs[tr], ys[tr]), "val": (xs[va], ys[va]), "test": (xs[te], ys[te])}
-            notes.append(
-                f"{name}: only {'/'.join(have)} images exist in {path.name}/; their {len(ys)} images were "
-                f"re-split (seeded, stratified) into train/val/test {len(tr)}/{len(va)}/{len(te)}"
-            )
-        idx = cap_splits({s: np.arange(len(data[s][1])) for s in SPLITS}, cfg, rng)
-        data = {s: (data[s][0][idx[s]], data[s][1][idx[s]]) for s in SPLITS}
-        ymax = max((int(data[s][1].max()) for s in SPLITS if len(data[s][1])), default=0)
-        known = next((n for k, n in KNOWN_CLASSES.items() if stem.lower().startswith(k)), None)
-        ncls = known if known is not None else ymax + 1
-        if ymax >= ncls or min((int(data[s][1].min()) for s in SPLITS if len(data[s][1])), default=0) < 0:
-            raise ValueError(f"{str(path)!r}: labels outside 0..{ncls - 1}")
-        per_task[stem] = data
-        infos.append(TaskInfo(name, "classification", ncls))
+        per_task[stem], info, note = _read_task(found[stem], stem, name, cfg)
+        infos.append(info)
+        notes += [note] if note else []
 
     channels = cfg.channels or max(per_task[s]["train"][0].shape[1] for s in stems)
     hw = tuple(per_task[stems[0]]["train"][0].shape[-2:])
