@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import warnings
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mola.files import atomic_write
+from mola.files import atomic_write, tensors_sha256
 from mola.inject.config import ADAPTER_WARN_FACTOR, MAX_ADAPTER_GB, MoLAConfig, adapter_budget
 from mola.inject.targets import find_stages, rank_for, resolve_targets
 from mola.layers import Lift, MLPRouter, MoLAConv2d, MoLALayer, MoLALinear, Router, Routing, twd_loss
@@ -193,7 +192,7 @@ class MoLAModel(nn.Module):
         tensors = {k: v.cpu().contiguous().clone() for k, v in self._adapter_state().items()}
         config = json.dumps(self._meta_config())
         meta = {"format": "mola-adapters", "mola_version": __version__, "config": config,
-                "sha256": _adapter_digest(config, tensors)}
+                "sha256": tensors_sha256(config, tensors)}
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load_adapters(self, path: str | os.PathLike[str]) -> None:
@@ -214,7 +213,7 @@ class MoLAModel(nn.Module):
         if "sha256" not in meta:
             warnings.warn(f"adapter file {path} has no checksum (written by an older mola); its content cannot be "
                           "verified", RuntimeWarning, stacklevel=2)
-        elif _adapter_digest(meta["config"], tensors) != meta["sha256"]:
+        elif tensors_sha256(meta["config"], tensors) != meta["sha256"]:
             raise ValueError(f"corrupt adapter file {path}: the sha256 of its content does not match the one "
                              "recorded when it was written")
         saved = json.loads(meta["config"])
@@ -267,17 +266,6 @@ class MoLAModel(nn.Module):
             for n, layer in layers.items():
                 set_submodule(self.model, n, layer)
         return out
-
-
-def _adapter_digest(config: str, tensors: dict[str, Tensor]) -> str:
-    """sha256 of an adapter file's config string and every tensor's key, dtype, shape and bytes."""
-    h = hashlib.sha256(config.encode())
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        h.update(f"\0{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
