@@ -60,6 +60,24 @@ def config_diff(saved: Any, now: Any, prefix: str = "") -> list[str]:
     return [] if saved == now else [f"{prefix[:-1]}: {saved!r} -> {now!r}"]
 
 
+def check_compatible(saved: dict[str, Any], now: dict[str, Any], where: str) -> list[str]:
+    """The one config-compatibility check of loading a checkpoint into a configured run (``saved``, ``now``: the
+    checkpoint's and this run's ``RunConfig.to_dict()``). A different data or model config is a ValueError
+    listing the differences; returns the changed train/optim settings that change the result (all but
+    ``RESUME_FREE_KEYS``), for the caller to warn about."""
+    saved_data = dict(saved.get("data") or {})
+    if isinstance(saved_data.get("root"), str):  # runs written before roots were stored absolute
+        saved_data["root"] = absolute_root(saved_data["root"])
+    diffs = config_diff({"data": saved_data, "model": saved.get("model")}, {k: now[k] for k in ("data", "model")})
+    if diffs:
+        sections = sorted({d.split(".", 1)[0] for d in diffs})
+        raise ValueError(f"checkpoint {where} was written with another {' and '.join(sections)} config; it "
+                         f"cannot be loaded here. Differences (checkpoint -> now): {'; '.join(diffs)}")
+    run_keys = ("train", "optim")
+    return [d for d in config_diff({k: saved.get(k) for k in run_keys}, {k: now[k] for k in run_keys})
+            if d.split(":", 1)[0] not in RESUME_FREE_KEYS]
+
+
 def absolute_root(root: str) -> str:
     """``data.root`` as an absolute path (a run then reads its data from any working directory)."""
     return str(Path(root).expanduser().resolve())
@@ -159,5 +177,5 @@ def load_run(run_or_file: str | os.PathLike[str], which: str = "best", device: s
     return LoadedRun(run_dir_of(path), path, cfg, scenario, target, state)
 
 
-__all__ = ["LOAD_OVERRIDES", "RESUME_FREE_KEYS", "LoadedRun", "absolute_root", "config_diff", "find_checkpoint",
-           "load_run", "load_tensors", "run_dir_of", "stored_config"]
+__all__ = ["LOAD_OVERRIDES", "RESUME_FREE_KEYS", "LoadedRun", "absolute_root", "check_compatible", "config_diff",
+           "find_checkpoint", "load_run", "load_tensors", "run_dir_of", "stored_config"]

@@ -38,7 +38,7 @@ from mola.engine.config import RunConfig, check_values, dump_config
 from mola.engine.distributed import init_distributed, shard_loaders, wrap_ddp
 from mola.engine.evaluate import evaluate, forward_losses, host_batch
 from mola.engine.logs import RunningMeans, tensorboard, write_metrics
-from mola.engine.run import RESUME_FREE_KEYS, absolute_root, config_diff, load_run, load_tensors
+from mola.engine.run import RESUME_FREE_KEYS, absolute_root, check_compatible, config_diff, load_run, load_tensors
 from mola.engine.selection import (
     INVALID_SELECTION,
     NonFiniteLossError,
@@ -168,15 +168,7 @@ class Trainer:
         optimizer, scheduler, counters, sampler position and RNG states. A checkpoint of another data/model
         config (or whose tensors do not fit this model) is a ValueError listing the differences."""
         where = ckpt.get("path", "checkpoint")
-        saved, mine = ckpt["config"], self.cfg.to_dict()
-        saved_data = dict(saved.get("data") or {})
-        if isinstance(saved_data.get("root"), str):  # runs written before roots were stored absolute
-            saved_data["root"] = absolute_root(saved_data["root"])
-        diffs = config_diff({"data": saved_data, "model": saved.get("model")}, {k: mine[k] for k in ("data", "model")})
-        if diffs:
-            sections = sorted({d.split(".", 1)[0] for d in diffs})
-            raise ValueError(f"checkpoint {where} was written with another {' and '.join(sections)} config; it "
-                             f"cannot be loaded here. Differences (checkpoint -> now): {'; '.join(diffs)}")
+        changed = check_compatible(ckpt["config"], self.cfg.to_dict(), where)
         load_tensors(self.model, ckpt["model"], f"checkpoint {where}", "model")
         load_tensors(self.method, ckpt["method"], f"checkpoint {where}", "method")
         if training:
@@ -193,9 +185,6 @@ class Trainer:
             self._epoch_loss = (loss[0], loss[1]) if loss is not None and self.batch_in_epoch else None
             self.skipped_steps = int(ckpt.get("skipped_steps", 0))
             self._method_epoch.load(ckpt.get("method_log") if self.batch_in_epoch else None)
-            changed = [d for d in config_diff({k: saved.get(k) for k in ("train", "optim")},
-                                              {k: mine[k] for k in ("train", "optim")})
-                       if d.split(":", 1)[0] not in RESUME_FREE_KEYS]
             if changed:
                 warnings.warn(f"resuming {where} with changed settings ({'; '.join(changed)}): the result will "
                               "differ from an uninterrupted run", RuntimeWarning, stacklevel=2)
