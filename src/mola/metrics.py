@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mola.data.base import TaskInfo
+from mola.tasks import TaskInfo
 
 NORMAL_THRESHOLDS: tuple[float, ...] = (11.25, 22.5, 30.0)
 """Angle thresholds (degrees) of the normal "within" metrics; a pixel counts when its error is below."""

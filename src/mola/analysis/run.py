@@ -16,12 +16,12 @@ from mola.analysis.compare import compare_spectra, plain_layer_spectra, plain_we
 from mola.analysis.params import RANKS, count_vs_rank, parameter_counts, single_task_total
 from mola.analysis.routing import collect_codes, pca_2d, routing_summary, sample_loader
 from mola.analysis.spectra import layer_singular_values, layer_spectra, singular_values
-from mola.data.base import Scenario
 from mola.engine.evaluate import progress_bar
 from mola.engine.run import LoadedRun, load_run
 from mola.files import write_csv, write_json
 from mola.inject import find_mola_model
 from mola.models import build_model
+from mola.tasks import Scenario
 
 
 def _params_section(run: LoadedRun, ranks: tuple[int, ...]) -> dict[str, Any]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mola.data.base import Scenario
 from mola.data.config import DataConfig
 from mola.registry import Registry
+from mola.tasks import Scenario
 
 SCENARIOS: Registry[Callable[[DataConfig], Scenario]] = Registry("data kind")
 

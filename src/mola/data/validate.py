@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mola.data.base import ALL_TASKS, Scenario, TaskDataset, TaskInfo
+from mola.tasks import ALL_TASKS, Scenario, TaskDataset, TaskInfo
 
 CHECKED_SPLITS = ("train", "val", "test")
 

@@ -31,8 +31,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from mola.data.base import TaskInfo
 from mola.engine.losses import task_loss_count
+from mola.tasks import TaskInfo
 
 
 def env_world_size() -> int:

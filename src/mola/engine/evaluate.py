@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mola.data.base import TaskInfo
 from mola.engine.losses import split_targets, task_loss
 from mola.layers.routing import task_groups
 from mola.metrics import make_meter, mean_over_tasks
 from mola.models.base import MultiTaskModel
+from mola.tasks import TaskInfo
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mola.data.base import TaskInfo
+from mola.tasks import TaskInfo
 
 
 def task_loss(task: TaskInfo, pred: Tensor, target: Tensor) -> Tensor:

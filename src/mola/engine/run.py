@@ -16,11 +16,11 @@ from torch import Tensor, nn
 
 from mola.config_utils import from_dict
 from mola.data import build_scenario
-from mola.data.base import Scenario
 from mola.engine.checkpoint import CHECKPOINT_NAMES, checkpoint_path, load_checkpoint
 from mola.engine.config import RunConfig, apply_overrides, parse_override
 from mola.models import build_model
 from mola.models.base import MultiTaskModel
+from mola.tasks import Scenario
 
 LOAD_OVERRIDES = ("data.root", "data.eval_batch_size", "data.num_workers")
 """Config keys a loaded run may change (where the data lives and how it is read), never the model."""

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from mola.data.base import TaskInfo
 from mola.engine.config import RunConfig, TrainConfig
 from mola.metrics import HIGHER_IS_BETTER, delta_m, delta_p, make_meter, primary_metric
+from mola.tasks import TaskInfo
 
 INVALID_SELECTION = ("test_loss: NOT a valid protocol - the checkpoint was selected on the test split's loss "
                      "(as the paper's released code did), so its test scores are optimistic")

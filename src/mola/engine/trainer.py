@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from mola.data import build_scenario
-from mola.data.base import Scenario
 from mola.data.loaders import make_loaders, set_loader_position
 from mola.data.validate import require_nonempty, validate_scenario
 from mola.engine.checkpoint import (
@@ -55,6 +54,7 @@ from mola.methods import Method, StepContext, get_domain_method, get_weighting
 from mola.metrics import mean_over_tasks
 from mola.models import build_model, num_parameters
 from mola.models.base import MultiTaskModel
+from mola.tasks import Scenario
 
 
 def _loss_dtype(device: torch.device) -> torch.dtype:

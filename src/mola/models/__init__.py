@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mola.data.base import Scenario
 from mola.models.backbones import BACKBONES, BackboneConfig, build_backbone
 from mola.models.base import ARCHS, ModelConfig, MultiTaskModel, num_parameters, task_rows
+from mola.tasks import Scenario
 
 if TYPE_CHECKING:
     from torch import nn

@@ -11,9 +11,10 @@ to other channel counts (1 channel: the sum of the RGB filters, as timm does). L
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,71 @@ class BackboneConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+@runtime_checkable
+class Backbone(Protocol):
+    """What a backbone builder returns (docs/own_model.md): an ``nn.Module`` whose forward maps inputs to features,
+    a map (B, C, h, w) or a vector (B, C), with
+
+    - ``out_dim`` (int): C, the feature size the task heads read;
+    - optionally ``mola_stages`` (module names): the stages the MoLA presets (``model.mola.targets``) and
+      cross-stitch units address, when the default stage search cannot find them;
+    - optionally ``fixed_input_size`` (bool): True when the backbone takes only its built input size (MLP, ViT).
+    """
+
+    out_dim: int
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
+def check_backbone(net: Any, name: str) -> nn.Module:
+    """``net`` if it fulfils ``Backbone``; otherwise a TypeError naming backbone ``name``, the missing or bad
+    attribute and the fix."""
+    fix = f"backbone {name!r} built a {type(net).__name__}"
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"{fix}, not a torch.nn.Module; a backbone builder must return one (docs/own_model.md)")
+    out_dim = getattr(net, "out_dim", None)
+    if not isinstance(out_dim, int) or isinstance(out_dim, bool) or out_dim <= 0:
+        raise TypeError(f"{fix} without a positive int `out_dim` (got {out_dim!r}): set self.out_dim to the feature "
+                        "size its forward returns (docs/own_model.md)")
+    stages = getattr(net, "mola_stages", None)
+    if stages is not None:
+        names = dict(net.named_modules())
+        listed = [stages] if isinstance(stages, str) else list(stages)
+        bad = [s for s in listed if not isinstance(s, str) or s not in names or isinstance(stages, str)]
+        if bad:
+            raise TypeError(f"{fix} whose `mola_stages` names no submodule: {bad}; list its stage modules' names")
+    fixed = getattr(net, "fixed_input_size", False)
+    if not isinstance(fixed, bool):
+        raise TypeError(f"{fix} whose `fixed_input_size` is {fixed!r}, not a bool")
+    return net
+
+
 BackboneBuilder = Callable[[tuple[int, ...], BackboneConfig, bool], nn.Module]
-BACKBONES: Registry[BackboneBuilder] = Registry("backbone")
+
+
+class BackboneRegistry(Registry[BackboneBuilder]):
+    """The backbone registry: a builder registered here has every module it builds checked against the
+    ``Backbone`` protocol (``check_backbone``), so a missing ``out_dim`` fails at build time with its name."""
+
+    def register(self, name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
+        add = super().register(name)
+
+        def deco(builder: BackboneBuilder) -> BackboneBuilder:
+            if not callable(builder):
+                raise TypeError(f"backbone {name!r}: register a builder (input_shape, cfg, dense) -> nn.Module, "
+                                f"got {type(builder).__name__}")
+
+            @functools.wraps(builder)
+            def checked(input_shape: tuple[int, ...], cfg: BackboneConfig, dense: bool) -> nn.Module:
+                return check_backbone(builder(input_shape, cfg, dense), name)
+
+            add(checked)
+            return builder
+
+        return deco
+
+
+BACKBONES: BackboneRegistry = BackboneRegistry("backbone")
 
 
 class ResNetBackbone(nn.Module):
@@ -392,7 +456,7 @@ def build_backbone(cfg: BackboneConfig, input_shape: tuple[int, ...], dense: boo
             raise FileNotFoundError(_timm_offline_message(cfg.name[5:], err)) from None
         if cfg.weights and not pretrained:
             load_weights(net, cfg, None)
-        return TimmBackbone(net, dense)
+        return check_backbone(TimmBackbone(net, dense), cfg.name)
     return BACKBONES.get(cfg.name)(tuple(input_shape), cfg, dense)
 
 

@@ -16,12 +16,12 @@ from typing import Any, Literal, Protocol
 from torch import Tensor, nn
 
 from mola.config_utils import from_dict
-from mola.data.base import Heterogeneity, TaskInfo
 from mola.inject import MoLAConfig
 from mola.layers.routing import check_task_ids, task_groups
 from mola.models.backbones import MLP, BackboneConfig, SmallViT
 from mola.models.heads import DenseHead, make_head
 from mola.registry import Registry
+from mola.tasks import Heterogeneity, TaskInfo
 
 
 @dataclass

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mola.data.base import TaskInfo
+from mola.tasks import TaskInfo
 
 
 class ClassificationHead(nn.Module):

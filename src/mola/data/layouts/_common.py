@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mola.data.base import ALL_TASKS, TaskDataset, as_int64
 from mola.data.config import DataConfig
 from mola.data.transforms import ImageFileTransform
+from mola.tasks import ALL_TASKS, TaskDataset, as_int64
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 

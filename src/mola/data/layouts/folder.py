@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mola.data.base import Scenario, TaskInfo
 from mola.data.config import DataConfig
 from mola.data.layouts._common import (
     ImageFileDataset,
@@ -31,6 +30,7 @@ from mola.data.layouts._common import (
 from mola.data.preprocess import ImagePreprocessing
 from mola.data.registry import SCENARIOS
 from mola.data.transforms import ImageFileTransform, normalize_stats
+from mola.tasks import Scenario, TaskInfo
 
 FOLDER_LAYOUT = tree(
     "<root>/",

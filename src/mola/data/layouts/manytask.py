@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
 from mola.data.config import DataConfig
 from mola.data.layouts._common import (
     cap,
@@ -51,6 +50,7 @@ from mola.data.layouts.digits import read_digit_csv, read_idx_pair, read_usps
 from mola.data.layouts.medmnist import images_to_tensor, read_npy_folder, read_npz
 from mola.data.registry import SCENARIOS
 from mola.data.transforms import ResizeTensor, resize_tensor, to_channels
+from mola.tasks import ArrayTaskDataset, Scenario, TaskInfo
 
 LAYOUT = tree(
     "<root>/   (the shipped data folder)",

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
 from mola.data.config import DataConfig
 from mola.data.layouts._common import (
     cap_splits,
@@ -39,6 +38,7 @@ from mola.data.layouts._common import (
 from mola.data.preprocess import ImagePreprocessing
 from mola.data.registry import SCENARIOS
 from mola.data.transforms import ResizeTensor, to_channels
+from mola.tasks import ArrayTaskDataset, Scenario, TaskInfo
 
 SPLITS = ("train", "val", "test")
 KNOWN_CLASSES = {

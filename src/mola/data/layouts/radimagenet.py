@@ -8,13 +8,13 @@ into ``cfg.channels`` channels (default 3, gray replicated; ImageNet statistics 
 
 from __future__ import annotations
 
-from mola.data.base import Scenario, TaskInfo
 from mola.data.config import DataConfig
 from mola.data.layouts._common import resolve_root, tree
 from mola.data.layouts.folder import build_file_splits, list_groups, scan_group, split_group
 from mola.data.preprocess import ImagePreprocessing
 from mola.data.registry import SCENARIOS
 from mola.data.transforms import normalize_stats
+from mola.tasks import Scenario, TaskInfo
 
 RADIMAGENET_LAYOUT = tree(
     "<root>/",
