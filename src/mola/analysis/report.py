@@ -307,7 +307,7 @@ def find_reference(table: ReportTable, ref: str) -> ReportRow:
 
 
 def paired_rows(table: ReportTable, ref: str, confidence: float = 0.95) -> tuple[ReportRow, list[PairedRow]]:
-    """Pair every other row with the reference row by seed, per task column, Avg and Delta_m (method.md §12)."""
+    """Pair every other row with the reference row by seed, per task column, Avg and Delta_m (docs/results.md)."""
     base = find_reference(table, ref)
     cols = [c for c in table.columns if c != DELTA_P]
     out = []

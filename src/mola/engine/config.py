@@ -18,7 +18,7 @@ from mola.models.base import ModelConfig
 
 @dataclass
 class OptimConfig:
-    """Optimizer and schedule; "auto" picks the paper's per-scenario default (method.md §11)."""
+    """Optimizer and schedule; "auto" picks the paper's per-scenario default (docs/paper.md)."""
 
     name: Literal["auto", "sgd", "adam", "adamw"] = "auto"  # auto: domain AdamW, multi-input SGD, single-input Adam
     lr: float | None = None  # null: the scenario default (domain 1e-4, multi-input 0.05, single-input 1e-4)

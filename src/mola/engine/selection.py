@@ -98,7 +98,7 @@ def select_score(val: dict[str, dict[str, float]], tasks: list[TaskInfo], train:
 
 def deltas_against_single_task(test: dict[str, dict[str, float]], tasks: list[TaskInfo],
                                single_task_results: str) -> dict[str, Any]:
-    """``delta_m``/``delta_p`` of the test metrics against a single-task run's final.json (method.md)."""
+    """``delta_m``/``delta_p`` of the test metrics against a single-task run's final.json (docs/results.md)."""
     single = json.loads(Path(single_task_results).read_text())["test"]
     primary = {t.name: primary_metric(t) for t in tasks}
     mine = {n: {primary[n]: r[primary[n]]} for n, r in test.items()}

@@ -1,6 +1,6 @@
 """One training loop for every architecture, weighting/gradient method and scenario.
 
-Per step: model(x, task_ids) -> per-task outputs -> per-task mean losses (method.md §6) -> the method turns
+Per step: model(x, task_ids) -> per-task outputs -> per-task mean losses (docs/methods/weighting.md) -> the method turns
 them into gradients (plus the architecture's extra loss, e.g. lambda*TwD) -> optimizer step. Per epoch:
 evaluation per task on val (and test), model selection on val only, best/last checkpoints, metrics.csv.
 """

@@ -279,7 +279,7 @@ def _first(model: nn.Module, kind: type[_M]) -> _M | None:
 
 
 def build_router(model: nn.Module, config: MoLAConfig) -> nn.Module:
-    """The shared router for ``model``: residual net on images, MLP on feature inputs (method.md §4)."""
+    """The shared router for ``model``: residual net on images, MLP on feature inputs (docs/concepts.md)."""
     kind = config.router_type
     conv = _first(model, nn.Conv2d)
     if kind == "auto":
