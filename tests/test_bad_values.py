@@ -22,8 +22,7 @@ from fixtures_data import make_image_tree, make_npz, make_nyuv2, truncate, write
 from fixtures_toy import Case, NaNAfter, run_case, tiny_cfg, toy_scenario, train_toy
 from mola.cli.main import _one_line, main
 from mola.data import DataConfig, Scenario, build_scenario
-from mola.data.layouts._common import pixels_to_unit, verify_image_files
-from mola.data.layouts.digits import read_digit_csv
+from mola.data.layouts._common import pixels_to_unit, read_digit_csv, verify_image_files
 from mola.data.transforms import ImageFileTransform
 from mola.engine import NonFiniteLossError, Trainer, load_config
 from mola.engine.checkpoint import FORMAT, VERSION, _digest, checkpoint_path, load_checkpoint

@@ -16,7 +16,6 @@ Pixels are scaled to [0, 1] and normalised with mean 0.5 / std 0.5 (MedMNIST's o
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +23,16 @@ import torch
 from torch import Tensor
 
 from mola.data.config import DataConfig
-from mola.data.layouts._common import (
+from mola.data.layouts._common import (  # the readers live there: manytask uses them too
+    SPLITS,
     cap_splits,
     class_labels,
     concat_task_ids,
+    images_to_tensor,
+    multi_input_scenario,
     name_seed,
-    pixels_to_unit,
+    read_npy_folder,
+    read_npz,
     require_dir,
     resolve_root,
     stratified_split,
@@ -40,7 +43,6 @@ from mola.data.registry import SCENARIOS
 from mola.data.transforms import ResizeTensor, to_channels
 from mola.tasks import ArrayTaskDataset, Scenario, TaskInfo
 
-SPLITS = ("train", "val", "test")
 KNOWN_CLASSES = {
     "pathmnist": 9, "dermamnist": 7, "octmnist": 4, "pneumoniamnist": 2, "retinamnist": 5, "breastmnist": 2,
     "bloodmnist": 8, "tissuemnist": 8, "organamnist": 11, "organcmnist": 11, "organsmnist": 11,
@@ -65,64 +67,6 @@ def _labels(y: np.ndarray, where: str) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] > 1:
         raise ValueError(f"{where}: labels {y.shape} are multi-label; medmnist tasks must be multi-class")
     return class_labels(y.reshape(-1), where)
-
-
-def images_to_tensor(x: np.ndarray, where: str) -> Tensor:
-    """(N,H,W) or (N,H,W,C) -> (N,C,H,W) float32 in [-1, 1] (``pixels_to_unit``: uint8/uint16/0..255 scaled)."""
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise ValueError(f"{where}: images must be (N,H,W) or (N,H,W,3), got {x.shape}")
-    t = pixels_to_unit(x, where).permute(0, 3, 1, 2)
-    return (t - 0.5) / 0.5
-
-
-def read_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """split -> (images, labels) from one MedMNIST npz; a corrupt file or missing key is a ValueError."""
-    try:
-        f = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"cannot read npz file {str(path)!r}: {e}") from e
-    out = {}
-    with f:
-        if not hasattr(f, "files"):
-            raise ValueError(f"{str(path)!r} is a single array, not an npz archive of images/labels")
-        for s in SPLITS:
-            arrs = []
-            for k in (f"{s}_images", f"{s}_labels"):
-                if k not in f.files:
-                    raise ValueError(
-                        f"npz file {str(path)!r} has no key {k!r} (split {s!r} missing; keys: {f.files})"
-                    )
-                try:
-                    arrs.append(f[k])
-                except Exception as e:  # zlib.error, BadZipFile, ValueError, EOFError...
-                    raise ValueError(f"cannot read key {k!r} of npz file {str(path)!r}: {e}") from e
-            out[s] = (arrs[0], arrs[1])
-    return out
-
-
-def read_npy_folder(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
-    """split -> (images, labels) for the splits whose images exist in a folder of .npy files."""
-    found = {}
-    for s in SPLITS:
-        ip, lp = path / f"{s}_images.npy", path / f"{s}_labels.npy"
-        if not ip.is_file():
-            continue
-        if not lp.is_file():
-            raise ValueError(f"{str(ip)!r} has no matching labels file {str(lp)!r}")
-        arrs = []
-        for p in (ip, lp):
-            try:
-                arrs.append(np.load(p, allow_pickle=False))
-            except (OSError, ValueError, EOFError) as e:
-                raise ValueError(f"cannot read npy file {str(p)!r}: {e}") from e
-        found[s] = (arrs[0], arrs[1])
-    if not found:
-        raise ValueError(
-            f"task folder {str(path)!r} has no <split>_images.npy file; expected layout:\n{LAYOUT}"
-        )
-    return found, list(found)
 
 
 def discover(root: Path) -> dict[str, Path]:
@@ -160,7 +104,7 @@ def _resolve_tasks(requested: list[str] | None, found: dict[str, Path], root: Pa
 
 def _read_split_files(path: Path) -> dict[str, tuple[Tensor, np.ndarray]]:
     """The (images, labels) of each split stored in one task's npz file / npy folder, checked."""
-    raw = read_npy_folder(path)[0] if path.is_dir() else read_npz(path)
+    raw = read_npy_folder(path, LAYOUT)[0] if path.is_dir() else read_npz(path)
     data = {}
     for s, (x, y) in raw.items():
         where = f"{str(path)!r} split {s!r}"
@@ -236,15 +180,8 @@ def build_medmnist(cfg: DataConfig) -> Scenario:
         xs = torch.cat([to_channels(per_task[s][split][0], channels) for s in stems])
         ys = torch.from_numpy(np.concatenate([per_task[s][split][1] for s in stems]))
         ds[split] = ArrayTaskDataset(xs, ys, concat_task_ids([len(per_task[s][split][1]) for s in stems]), tf)
-    return Scenario(
-        name="medmnist",
-        heterogeneity="multi_input",
-        tasks=infos,
-        train=ds["train"],
-        val=ds["val"],
-        test=ds["test"],
-        input_shape=(channels, size, size),
-        shared_head=False,
+    return multi_input_scenario(
+        "medmnist", infos, ds, (channels, size, size),
         notes="; ".join(
             [f"MedMNIST tasks from {str(root)!r}: {', '.join(stems)}; pixels /255 then (x-0.5)/0.5; "
              f"{channels} channel(s)"] + notes

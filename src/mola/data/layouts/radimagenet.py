@@ -9,7 +9,7 @@ into ``cfg.channels`` channels (default 3, gray replicated; ImageNet statistics 
 from __future__ import annotations
 
 from mola.data.config import DataConfig
-from mola.data.layouts._common import resolve_root, tree
+from mola.data.layouts._common import multi_input_scenario, resolve_root, tree
 from mola.data.layouts.folder import build_file_splits, list_groups, scan_group, split_group
 from mola.data.preprocess import ImagePreprocessing
 from mola.data.registry import SCENARIOS
@@ -39,15 +39,8 @@ def build_radimagenet(cfg: DataConfig) -> Scenario:
     size = cfg.image_size or 224
     channels = cfg.channels or 3
     ds = build_file_splits(tasks, per_task, cfg, size, channels, gray=True)
-    return Scenario(
-        name="radimagenet",
-        heterogeneity="multi_input",
-        tasks=infos,
-        train=ds["train"],
-        val=ds["val"],
-        test=ds["test"],
-        input_shape=(channels, size, size),
-        shared_head=False,
+    return multi_input_scenario(
+        "radimagenet", infos, ds, (channels, size, size),
         notes=(
             f"RadImageNet folder layout at {str(root)!r}: {len(tasks)} tasks, each with its own classes; "
             f"per-task seeded stratified split val={cfg.val_fraction} test={cfg.test_fraction} "
