@@ -298,3 +298,17 @@ def test_meters_merged_by_declared_state_equal_one_meter(kind: str) -> None:
     ranks[0].reset()
     assert all(not getattr(ranks[0], k) if isinstance(getattr(ranks[0], k), list) else
                float(torch.as_tensor(getattr(ranks[0], k)).abs().sum()) == 0 for k in declared)
+
+
+def test_task_kinds_live_in_one_registry() -> None:
+    """Every task kind has a spec, a loss and a meter; an unknown kind is one clear error wherever it is used."""
+    from mola.engine.losses import LOSSES
+    from mola.metrics import make_meter
+    from mola.tasks import TASK_KINDS
+
+    assert set(TASK_KINDS) == set(LOSSES) == {"classification", "segmentation", "depth", "normal"}
+    assert [TaskInfo("t", k, num_classes=5).out_channels for k in TASK_KINDS] == [5, 5, 1, 3]
+    bad = TaskInfo("t", "bogus")  # type: ignore[arg-type]
+    for use in (lambda: bad.out_channels, lambda: make_meter(bad)):
+        with pytest.raises(ValueError, match=r"task 't' has unknown kind 'bogus'; known: classification"):
+            use()

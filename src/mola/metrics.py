@@ -414,11 +414,7 @@ _METERS: dict[str, type[Meter]] = {
 
 def make_meter(task: TaskInfo) -> Meter:
     """A fresh streaming meter for ``task``'s kind (classification, segmentation, depth or normal)."""
-    try:
-        cls = _METERS[task.kind]
-    except KeyError:
-        raise ValueError(f"task {task.name!r} has unknown kind {task.kind!r}") from None
-    return cls(task)
+    return _METERS[task.spec.name](task)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,6 +20,30 @@ ALL_TASKS = -1
 """Task id carried by single-input samples: every task applies to every sample."""
 
 
+@dataclass(frozen=True)
+class KindSpec:
+    """What a task kind means to every layer (heads, losses, meters, data checks), in one place.
+
+    ``classes``: the head scores ``num_classes`` classes (cross-entropy); ``dense``: per-pixel outputs and targets
+    (a dense head); ``channels``: the fixed output channels of a regression kind; ``unit_vectors``: outputs are
+    normalised to unit length (surface normals)."""
+
+    name: str
+    classes: bool
+    dense: bool
+    channels: int | None = None
+    unit_vectors: bool = False
+
+
+TASK_KINDS: dict[str, KindSpec] = {
+    "classification": KindSpec("classification", classes=True, dense=False),
+    "segmentation": KindSpec("segmentation", classes=True, dense=True),
+    "depth": KindSpec("depth", classes=False, dense=True, channels=1),
+    "normal": KindSpec("normal", classes=False, dense=True, channels=3, unit_vectors=True),
+}
+"""The task kinds by name; ``TaskInfo.spec`` looks a task's up."""
+
+
 @dataclass
 class TaskInfo:
     """One task (or domain): what its head predicts and how it is scored."""
@@ -30,13 +54,24 @@ class TaskInfo:
     ignore_index: int = -1
 
     @property
+    def spec(self) -> KindSpec:
+        """This task's kind (``TASK_KINDS``); an unknown kind is a ValueError listing the known ones."""
+        try:
+            return TASK_KINDS[self.kind]
+        except KeyError:
+            raise ValueError(f"task {self.name!r} has unknown kind {self.kind!r}; known: "
+                             f"{', '.join(TASK_KINDS)}") from None
+
+    @property
     def out_channels(self) -> int:
         """Channels the task head must output (classes for classification/segmentation, 1 depth, 3 normals)."""
-        if self.kind in ("classification", "segmentation"):
+        spec = self.spec
+        if spec.classes:
             if not self.num_classes:
                 raise ValueError(f"task {self.name!r} ({self.kind}) needs num_classes")
             return self.num_classes
-        return 1 if self.kind == "depth" else 3
+        assert spec.channels is not None
+        return spec.channels
 
 
 class TaskDataset(Dataset):

@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     a non-finite loss/metric, 1 for an OS error (disk full, permissions), 130 for Ctrl-C."""
     args = build_parser().parse_args(argv)
     from mola.engine.checkpoint import RunLockedError
-    from mola.engine.trainer import NonFiniteLossError
+    from mola.engine.selection import NonFiniteError
 
     _interrupted_hint[:] = []
     try:
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RunLockedError) as err:
         print(f"mola: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as err:
+    except NonFiniteError as err:  # a loss, the weights or a validation metric
         print(f"mola: error: {_one_line(err)}", file=sys.stderr)
         return 3
     except OSError as err:  # disk full, read-only folder, ...: the message names the path

@@ -25,11 +25,16 @@ def selection_label(cfg: RunConfig) -> str:
     return INVALID_SELECTION if cfg.train.select_on == "test_loss" else f"val ({cfg.train.select_metric})"
 
 
-class NonFiniteLossError(RuntimeError):
-    """A task loss became NaN/inf; the message names the step, the task and the last good checkpoint."""
+class NonFiniteError(RuntimeError):
+    """A run produced NaN/inf (a loss, the weights or a validation metric); ``mola`` exits with status 3."""
 
 
-class NonFiniteMetricError(NonFiniteLossError):
+class NonFiniteLossError(NonFiniteError):
+    """A task loss (or the weights) became NaN/inf; the message names the step, the task and the last good
+    checkpoint."""
+
+
+class NonFiniteMetricError(NonFiniteError):
     """A validation loss or selection metric is NaN/inf; the message names the task, epoch, split and metric."""
 
 
@@ -106,5 +111,5 @@ def deltas_against_single_task(test: dict[str, dict[str, float]], tasks: list[Ta
     return {"delta_m": delta_m(mine, ref), "delta_p": delta_p(mine, ref)}
 
 
-__all__ = ["INVALID_SELECTION", "NonFiniteLossError", "NonFiniteMetricError", "check_select_metric",
+__all__ = ["INVALID_SELECTION", "NonFiniteError", "NonFiniteLossError", "NonFiniteMetricError", "check_select_metric",
            "check_single_task_results", "deltas_against_single_task", "select_score", "selection_label"]

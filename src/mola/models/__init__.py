@@ -16,7 +16,7 @@ def build_model(scenario: Scenario, cfg: ModelConfig) -> MultiTaskModel:
     """The architecture ``cfg.arch`` over backbone ``cfg.backbone`` for ``scenario``'s tasks and inputs."""
     import mola.models.archs  # noqa: F401  (registers the built-in architectures)
 
-    dense = any(t.kind != "classification" for t in scenario.tasks)
+    dense = any(t.spec.dense for t in scenario.tasks)
     arch = ARCHS.get(cfg.arch)
 
     def factory() -> nn.Module:
