@@ -94,11 +94,11 @@ class Trainer:
         self.loaders = shard_loaders(make_loaders(self.scenario, cfg.data, cfg.train.seed), self.dist)
         seed_everything(cfg.train.seed)
         self.model: MultiTaskModel = build_model(self.scenario, cfg.model).to(self.device)
-        t = self.scenario.num_tasks
-        self.weighting: Method = get_weighting(cfg.train.weighting, t, **cfg.train.weighting_options)
+        num_tasks = self.scenario.num_tasks
+        self.weighting: Method = get_weighting(cfg.train.weighting, num_tasks, **cfg.train.weighting_options)
         self.domain: Method | None = None
         if cfg.train.method != "erm":  # validate_names: a domain method combines only with weighting ew
-            self.domain = get_domain_method(cfg.train.method, t, feature_dim=self.model.feature_dim,
+            self.domain = get_domain_method(cfg.train.method, num_tasks, feature_dim=self.model.feature_dim,
                                             **cfg.train.method_options)
         self.method = (self.domain or self.weighting).to(self.device)
         params = [p for p in list(self.model.parameters()) + list(self.method.parameters()) if p.requires_grad]
@@ -214,9 +214,9 @@ class Trainer:
         return "twd" if self.cfg.model.arch == "mola" else "extra_loss"
 
     # -- steps ---------------------------------------------------------------------------------------
-    def _forward_losses(self, x: Tensor, y: Any, t: Tensor,
+    def _forward_losses(self, x: Tensor, y: Any, task_ids: Tensor,
                         outputs: dict[int, Tensor] | None = None) -> tuple[dict[int, Tensor], dict[int, Tensor], Any]:
-        return forward_losses(self.model, self.tasks, x, y, t, outputs)
+        return forward_losses(self.model, self.tasks, x, y, task_ids, outputs)
 
     def _log_interval(self, progress: Any, losses: RunningMeans, method: RunningMeans, writer: Any) -> None:
         """Every ``train.log_every_steps`` steps: read the running means once (one host sync), show the loss on
@@ -263,26 +263,26 @@ class Trainer:
             acc.counts.copy_(self._epoch_loss[1])
         return acc
 
-    def _forward(self, x: Tensor, y: Any, t: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor], Any, Any]:
+    def _forward(self, x: Tensor, y: Any, task_ids: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor], Any, Any]:
         """(outputs, per-task losses, targets, extra loss) of one batch; under DDP the global-batch means."""
         amp = self.cfg.train.amp and self.device.type == "cuda"
         sync = self.ddp.no_sync() if self._manual_sync else nullcontext()
         with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
             if self.ddp is not None:  # DDP: forward and extra loss (TwD on the global batch's codes) together
-                outs, extra = self.ddp(x, t, self.dist.gather_rows)
-                outputs, losses, targets = self._forward_losses(x, y, t, outputs=outs)
+                outs, extra = self.ddp(x, task_ids, self.dist.gather_rows)
+                outputs, losses, targets = self._forward_losses(x, y, task_ids, outputs=outs)
             else:
-                outputs, losses, targets = self._forward_losses(x, y, t)
+                outputs, losses, targets = self._forward_losses(x, y, task_ids)
                 extra = self.model.extra_loss()
         losses = self.dist.global_losses(losses, targets, self.tasks)  # DDP: global-batch means
         return outputs, losses, targets, extra
 
     def _train_step(self, i: int, batch: Any, acc: _EpochSums) -> bool:
         """Forward, finite check, method backward and optimizer step on batch ``i``; False if it was skipped."""
-        x, y, t = host_batch(self.model, batch, self.device)
+        x, y, task_ids = host_batch(self.model, batch, self.device)
         buffers = ([b.detach().clone() for b in self.model.buffers()]
                    if self.cfg.train.on_nonfinite == "skip" else None)  # to undo a skipped step's BN stats
-        outputs, losses, targets, extra = self._forward(x, y, t)
+        outputs, losses, targets, extra = self._forward(x, y, task_ids)
         named = [v.detach().float() for v in losses.values()]
         if extra is not None:  # the architecture's extra loss (lambda * TwD) is checked like the task losses
             named.append(extra.detach().float().reshape(()))
@@ -291,7 +291,7 @@ class Trainer:
             return False
         self._skips_in_a_row = 0
         ctx = StepContext(model=self.model, shared_params=self.shared_params, task_params=self.task_params,
-                          task_ids=t, num_tasks=len(self.tasks), features=self.model.features,
+                          task_ids=task_ids, num_tasks=len(self.tasks), features=self.model.features,
                           outputs=outputs, targets=targets, extra_loss=extra, epoch=self.epoch, step=self.step,
                           dist=self.dist if self.dist.enabled else None)
         self.optimizer.zero_grad(set_to_none=True)
