@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mola.models.backbones import BACKBONES, BackboneConfig, build_backbone
+from mola.models.backbones import BACKBONES, Backbone, BackboneConfig, build_backbone
 from mola.models.base import ARCHS, ModelConfig, MultiTaskModel, num_parameters, task_rows
 from mola.tasks import Scenario
 
@@ -28,5 +28,5 @@ def build_model(scenario: Scenario, cfg: ModelConfig) -> MultiTaskModel:
     return model
 
 
-__all__ = ["ARCHS", "BACKBONES", "BackboneConfig", "ModelConfig", "MultiTaskModel", "build_backbone",
+__all__ = ["ARCHS", "BACKBONES", "Backbone", "BackboneConfig", "ModelConfig", "MultiTaskModel", "build_backbone",
            "build_model", "num_parameters", "task_rows"]
