@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from fixtures_data import make_office, shared_dir
+from fixtures_data import make_nyuv2, make_office, shared_dir
 from mola.cli.main import main
 from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
 from mola.engine import Trainer, load_config
@@ -239,3 +239,38 @@ def test_cli_conflict_writes_every_pair_and_level(tmp_path: Path, capsys: pytest
     assert "most conflicting pairs" in text and "mean pair cosine" in text
     assert main(["conflict", "--config", str(cfg), "--batches", "0", "--out", str(out)]) == 2
     assert main(["conflict", "--out", str(out)]) == 2  # neither --config nor --checkpoint
+
+
+def test_hps_wide_reaches_mola_grad_parameter_count_at_the_smallest_width() -> None:
+    sc = _twin_scenario()
+    cfg = ModelConfig(arch="hps_wide")
+    cfg.backbone.name, cfg.backbone.width = "small_cnn", 4
+    cfg.mola.rank = 8
+    wide = build_model(sc, cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    grad_cfg = ModelConfig(arch="mola", backbone=cfg.backbone, mola=cfg.mola)
+    target = count(build_model(sc, grad_cfg))
+    assert wide.target_params == target and count(wide) >= target
+    narrower = ModelConfig(arch="hps")
+    narrower.backbone.name, narrower.backbone.width = "small_cnn", wide.width - 1
+    assert count(build_model(sc, narrower)) < target < count(wide)
+    cfg.backbone.name = "resnet18"
+    with pytest.raises(ValueError, match="no width setting"):
+        build_model(sc, cfg)
+
+
+@pytest.mark.parametrize("arch", ["hps", "mola"])
+def test_single_input_tasks_are_measured_on_the_same_rows(tmp_path: Path, arch: str) -> None:
+    """NYUv2-style data (segmentation, depth, normals on one image): every task's loss on every row."""
+    from mola.data import DataConfig, build_scenario
+
+    sc = build_scenario(DataConfig(kind="nyuv2", root=str(make_nyuv2(tmp_path / "nyu", n_train=12, n_val=4)),
+                                   val_fraction=0.25))
+    cfg = ModelConfig(arch=arch)
+    cfg.backbone.name, cfg.backbone.width = "small_cnn", 4
+    torch.manual_seed(0)
+    result = model_conflict(build_model(sc, cfg), sc, num_batches=2, batch_size=4, seed=0)
+    rows = result.rows(n_boot=50)
+    assert {(r["task_a"], r["task_b"]) for r in rows} == {("segmentation", "depth"), ("segmentation", "normal"),
+                                                         ("depth", "normal")}
+    assert all(np.isfinite(r["cosine"]) and -1 <= r["cosine"] <= 1 for r in rows)
