@@ -439,7 +439,7 @@ def test_num_experts_limit_can_be_lifted() -> None:
     assert m.num_parameters()["adapters"] == 200 * 1 * 16
 
 
-def test_nan_metric_of_one_task_dropped_with_option(tmp_path: Path) -> None:
+def test_nan_metric_of_one_task_dropped_with_option(tmp_path: Path, toy_scenario: Callable[..., Scenario]) -> None:
     """on_nonfinite_metric=drop: the NaN task leaves the selection score (warning), the other task selects."""
     sc = toy_scenario()
     sc.val.transform = NaNForTask(sc.val.task_ids, task=1)
@@ -450,7 +450,7 @@ def test_nan_metric_of_one_task_dropped_with_option(tmp_path: Path) -> None:
     assert t.best_epoch == 0
 
 
-def test_best_on_val_follows_finite_scores_only(tmp_path: Path) -> None:
+def test_best_on_val_follows_finite_scores_only(tmp_path: Path, toy_scenario: Callable[..., Scenario]) -> None:
     """select_score never returns NaN: the old 'a NaN score still gives a best' path is gone."""
     t = Trainer(tiny_cfg(), tmp_path / "r", scenario=toy_scenario())
     good = {"t0": {"acc": 0.5, "loss": 1.0}, "t1": {"acc": 0.25, "loss": 1.0}}

@@ -120,7 +120,7 @@ def syncs_per_step(tmp_path: Path, method: str | None, arch: str | None, weighti
 STEP_SYNCS = [
     ("mola_grad", None, "ew", 1), ("mola_router", None, "ew", 1), (None, "hps", "ew", 1),
     ("mola_grad", None, "rlw", 1), ("mola_grad", None, "dwa", 1), ("mola_grad", None, "gradnorm", 1),
-    (None, "hps", "pcgrad", 2),
+    (None, "hps", "pcgrad", 2), (None, "hps", "gradvac", 2),
 ]
 
 

@@ -15,14 +15,8 @@ import torch
 from torch import Tensor
 
 from mola.methods.base import WEIGHTINGS
-from mola.methods.gradient._solvers import combine, gram
+from mola.methods.gradient._solvers import combine, gram, host_orders
 from mola.methods.gradient.base import GradientMethod
-
-
-def host_orders(num_tasks: int, generator: torch.Generator | None = None) -> list[list[int]]:
-    """The random task order of each task's projections: ``num_tasks`` draws of ``torch.randperm`` on the host
-    (CPU), read together."""
-    return torch.stack([torch.randperm(num_tasks, generator=generator) for _ in range(num_tasks)]).tolist()
 
 
 def weights(K: np.ndarray, generator: torch.Generator | None = None) -> np.ndarray:
