@@ -102,7 +102,8 @@ class DistContext:
     # -- losses and gradients -----------------------------------------------------------------------
     def global_losses(self, losses: dict[int, Tensor], targets: dict[int, Any],
                       tasks: list[TaskInfo]) -> dict[int, Tensor]:
-        """Per-task losses of the GLOBAL batch from this rank's per-task mean losses (one all-reduce).
+        """Per-task losses of the GLOBAL batch from this rank's per-task mean losses (one all-reduce, one host
+        read of its result together with this rank's counts).
 
         Each returned tensor has the global mean loss as its value (identical on every rank) and, as its
         gradient, the local mean's gradient times ``world_size * local count / global count``: DDP's average
@@ -121,8 +122,9 @@ class DistContext:
             stats[1, k] = torch.where(n > 0, value * n, torch.zeros_like(n))  # a mean over nothing adds nothing
             stats[2, k] = 1.0
             stats[3, k] = value
-        counts = {k: float(n) for k, n in enumerate(stats[0].tolist())}
-        stats = self.all_reduce_sum(stats).cpu()
+        both = torch.cat([self.all_reduce_sum(stats), stats[:1]]).cpu()  # one host read: global sums, local counts
+        stats = both[:4]
+        counts = {k: float(n) for k, n in enumerate(both[4].tolist())}
         anchor = next((v for k, v in losses.items() if counts[k] > 0), next(iter(losses.values())))
         out: dict[int, Tensor] = {}
         for k in range(len(tasks)):
