@@ -10,4 +10,5 @@ from mola.data.layouts import (  # noqa: F401  (imported for their registrations
     office_caltech10,
     paper,
     radimagenet,
+    tasks,
 )
