@@ -119,11 +119,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     import mola.methods  # noqa: F401
     import mola.models.archs  # noqa: F401
     from mola.data.registry import SCENARIOS
-    from mola.engine.config import SHORTHANDS
+    from mola.engine.config import SHORTHANDS, config_folders
     from mola.methods import DOMAIN_METHODS, WEIGHTINGS
     from mola.models import ARCHS, BACKBONES
-
-    from mola.engine.config import config_folders
 
     configs = sorted({str(p.relative_to(d.parent if d.name == "paper" else d).with_suffix(""))
                       for d in config_folders() for p in d.glob("*.yaml")})
@@ -180,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     ls = sub.add_parser("list", help="scenarios, archs, weightings, methods and backbones")
     ls.set_defaults(func=cmd_list)
-    from mola.cli import analyze, export, predict, report, sweep
-    for mod in (analyze, sweep, report, export, predict):
+    from mola.cli import analyze, export, layers, predict, report, sweep
+    for mod in (analyze, sweep, report, export, predict, layers):
         mod.add_parser(sub)
     return p
 

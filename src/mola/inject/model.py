@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from mola.files import atomic_write
 from mola.inject.config import ADAPTER_WARN_FACTOR, MAX_ADAPTER_GB, MoLAConfig, adapter_budget
-from mola.inject.targets import find_stages, rank_for, resolve_targets
+from mola.inject.targets import find_stage_groups, rank_for, resolve_targets
 from mola.layers import Lift, MLPRouter, MoLAConv2d, MoLALayer, MoLALinear, Router, Routing, twd_loss
 from mola.layers.routing import check_task_ids
 
@@ -327,12 +327,13 @@ def router_groups(model: nn.Module, names: list[str], sharing: str) -> dict[str,
     if sharing != "per_stage":
         raise ValueError(f"router_sharing={sharing!r}; expected one of ['shared', 'per_stage', 'per_layer']")
     try:
-        prefixes, _ = find_stages(model)
+        stages, _ = find_stage_groups(model)
     except ValueError as err:
         raise ValueError(f"router_sharing='per_stage' needs the model's stages: {err}") from err
+    prefixes = [g[0] for g in stages]
     groups: dict[str, list[str]] = {}
     for n in names:
-        stage = next((p for p in prefixes if n == p or n.startswith(p + ".")), None)
+        stage = next((g[0] for g in stages if any(n == p or n.startswith(p + ".") for p in g)), None)
         if stage is None:
             raise ValueError(f"router_sharing='per_stage': MoLA layer {n!r} is in no backbone stage {prefixes}; "
                              "use router_sharing 'shared' or 'per_layer'")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mola.inject import find_stages
+from mola.inject import find_stage_groups
 from mola.layers.router import BasicBlock
 from mola.models.weights import load_weights
 from mola.registry import Registry
@@ -360,10 +360,10 @@ class TimmBackbone(nn.Module):
         self.dense = dense
         self.output = "map" if dense else "vector"
         try:
-            prefixes, kind = find_stages(net)
+            groups, kind = find_stage_groups(net)
         except ValueError:  # no known stage layout: target_modules must then name modules
-            prefixes, kind = [], "any"
-        self.mola_stages = [f"net.{p}" for p in prefixes]
+            groups, kind = [], "any"
+        self.mola_stages = [[f"net.{p}" for p in g] for g in groups]
         self.mola_stage_modules = kind
 
     def forward(self, x: Tensor) -> Tensor:
