@@ -52,8 +52,10 @@ class TrainConfig:
     max_consecutive_skips: int = 3  # on_nonfinite=skip: this many skipped steps in a row stop the run
     on_nonfinite_metric: Literal["stop", "drop"] = "stop"  # NaN/inf val metric: stop, or drop task from selection
     checkpoint_every_steps: int | None = None  # also write the `last` checkpoint every N steps (null: per epoch)
-    progress: bool = True  # show a progress bar
-    log_every_steps: int = 50  # steps between reads of the running losses/method outputs (progress bar, TensorBoard)
+    progress: bool = True  # show a progress bar (epoch i/N, step, running loss); the per-epoch line prints anyway
+    log_every_steps: int = 10  # steps between reads of the running losses/method outputs (progress bar, TensorBoard)
+    #: stop when the selection score has not improved for this many epochs (null: train every epoch)
+    early_stopping: int | None = None
     tensorboard: bool = True  # write TensorBoard events to RUN_DIR/tb
     single_task_results: str | None = None  # final.json of a single-task run: adds delta_m / delta_p to final.json
 
@@ -202,6 +204,7 @@ _RANGES: dict[str, tuple[float, bool, bool]] = {
     "model.backbone.width": (1, True, False), "model.head_hidden": (1, True, False),
     "train.epochs": (1, True, False), "train.max_steps_per_epoch": (1, True, True),
     "train.checkpoint_every_steps": (1, True, True), "train.max_consecutive_skips": (1, True, False),
+    "train.early_stopping": (1, True, True),
     "optim.lr": (0, False, True), "optim.momentum": (0, True, False), "optim.weight_decay": (0, True, True),
     "optim.grad_clip": (0, False, True),
 }

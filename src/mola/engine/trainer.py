@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -36,7 +37,7 @@ from mola.engine.checkpoint import (
 from mola.engine.config import RunConfig, check_values, dump_config
 from mola.engine.distributed import init_distributed, shard_loaders, wrap_ddp
 from mola.engine.evaluate import evaluate, forward_losses, to_device
-from mola.engine.logs import RunningMeans, tensorboard, write_metrics
+from mola.engine.logs import RunningMeans, epoch_line, tensorboard, write_curves, write_metrics
 from mola.engine.run import RESUME_FREE_KEYS, absolute_root, config_diff, load_run, load_tensors
 from mola.engine.selection import (
     INVALID_SELECTION,
@@ -54,6 +55,10 @@ from mola.methods import Method, StepContext, get_domain_method, get_weighting
 from mola.metrics import mean_over_tasks
 from mola.models import build_model, num_parameters
 from mola.models.base import MultiTaskModel
+
+
+CURVES_EVERY_S = 30.0
+"""curves.png is redrawn after an epoch at most this often while training, and once at the end."""
 
 
 def _loss_dtype(device: torch.device) -> torch.dtype:
@@ -358,10 +363,13 @@ class Trainer:
             dump_config(self.cfg, self.run_dir / "config.yaml")
         writer = tensorboard(self.run_dir) if self.cfg.train.tensorboard and main else None
         total = self.cfg.train.epochs
+        patience = self.cfg.train.early_stopping
+        curves_at = time.perf_counter()
         with tqdm(total=max(0, (total - self.epoch) * self.steps_per_epoch - self.batch_in_epoch),
                   disable=not (self.cfg.train.progress and main),
                   desc=self.cfg.name, unit="step") as bar:
             while self.epoch < total:
+                bar.set_description(f"{self.cfg.name} epoch {self.epoch + 1}/{total}")
                 start = time.perf_counter()
                 train_losses = self.train_epoch(bar, writer)
                 seconds = time.perf_counter() - start
@@ -385,13 +393,24 @@ class Trainer:
                 if main:
                     write_metrics(self.history, self.run_dir)
                     fault_point("metrics.written")
+                    bar.write(epoch_line(row, [t.name for t in self.tasks], total, improved), file=sys.stderr)
+                    if time.perf_counter() - curves_at > CURVES_EVERY_S:  # a plot costs ~0.3 s: not every epoch
+                        write_curves(self.history, [t.name for t in self.tasks], self.run_dir / "curves.png")
+                        curves_at = time.perf_counter()
                 if writer is not None:
                     for k, v in row.items():
                         if isinstance(v, (int, float)) and k not in ("epoch", "step"):
                             writer.add_scalar(k, v, self.epoch)
                     writer.flush()
+                if patience and self.epoch - 1 - self.best_epoch >= patience:
+                    if main:
+                        bar.write(f"early stopping: no better selection score for {patience} epochs (best: epoch "
+                                  f"{self.best_epoch + 1}; train.early_stopping={patience})", file=sys.stderr)
+                    break
         if writer is not None:
             writer.close()
+        if main:
+            write_curves(self.history, [t.name for t in self.tasks], self.run_dir / "curves.png")
         return self.finalize()
 
     def finalize(self) -> dict[str, Any]:
@@ -413,6 +432,7 @@ class Trainer:
                 "mean": {"val": mean_over_tasks(last_val), "test": mean_over_tasks(last_test) if last_test else {}},
             },
             "epochs": self.epoch,
+            "stopped_early": self.epoch < self.cfg.train.epochs,
             "seconds_per_epoch": float(np.mean([r["seconds"] for r in self.history])) if self.history else None,
             "parameters": num_parameters(self.model),
             "scenario": self.scenario.summary(),

@@ -170,6 +170,21 @@ class MoLAModel(nn.Module):
         return {"backbone": backbone, "adapters": adapters, "router": router, "lift": lift,
                 "total": backbone + adapters + router + lift}
 
+    def freeze_backbone(self) -> None:
+        """Train only the adapters, router and lift: every other weight of the wrapped model gets
+        ``requires_grad=False`` (peft's default for LoRA; MoLA trains all by default, as the paper)."""
+        mine = {id(p) for p in self.adapter_parameters().values()}
+        for p in self.model.parameters():
+            if id(p) not in mine:
+                p.requires_grad_(False)
+
+    def print_trainable_parameters(self) -> None:
+        """Print trainable and total parameter counts (peft's method of the same name)."""
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
     # -- save / load ----------------------------------------------------------------------------------
     def _adapter_state(self) -> dict[str, Tensor]:
         state = {k: v.detach() for k, v in self.adapter_parameters().items()}
@@ -349,7 +364,9 @@ def inject(model: nn.Module, config: MoLAConfig, *, max_adapter_gb: float | None
     if not isinstance(config, MoLAConfig):
         raise ValueError(f"inject expects a MoLAConfig, got {type(config).__name__}")
     if config.num_experts < 1:
-        raise ValueError(f"MoLAConfig.num_experts must be >= 1 (E = number of tasks), got {config.num_experts}")
+        raise ValueError(f"MoLAConfig.num_experts={config.num_experts}: inject needs the number of adapters E "
+                         "(usually the number of tasks), e.g. MoLAConfig(num_experts=3); 0, the default, means "
+                         "'one per task' only in a run config, where mola knows the tasks")
     if any(isinstance(m, MoLALayer) for m in model.modules()):
         raise ValueError("model already contains MoLA layers; inject into the original model once")
     names = resolve_targets(model, config.target_modules)
