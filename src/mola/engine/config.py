@@ -123,7 +123,7 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 def config_folders() -> list[Path]:
     """Where ``--config NAME`` looks: ./configs, then the checkout's configs/ (and their paper/ folders)."""
-    out = []
+    out: list[Path] = []
     for base in (Path("configs"), SHIPPED_CONFIGS):
         for d in (base, base / "paper"):
             if d.is_dir() and d.resolve() not in [o.resolve() for o in out]:
@@ -154,7 +154,9 @@ def _root_from_file(data: dict[str, Any], config: Path) -> None:
     """A relative ``data.root`` in a config file is relative to the file's folder (so shipped configs work from
     any folder); a root that exists only relative to the working folder (older configs) is kept as it is."""
     section = data.get("data")
-    root = section.get("root") if isinstance(section, dict) else None
+    if not isinstance(section, dict):
+        return
+    root = section.get("root")
     if not isinstance(root, str) or not root or Path(root).expanduser().is_absolute():
         return
     beside = config.parent / root

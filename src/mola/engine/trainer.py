@@ -56,7 +56,6 @@ from mola.metrics import mean_over_tasks
 from mola.models import build_model, num_parameters
 from mola.models.base import MultiTaskModel
 
-
 CURVES_EVERY_S = 30.0
 """curves.png is redrawn after an epoch at most this often while training, and once at the end."""
 

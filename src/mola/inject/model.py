@@ -180,10 +180,7 @@ class MoLAModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         """Print trainable and total parameter counts (peft's method of the same name)."""
-        total = sum(p.numel() for p in self.parameters())
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
-              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+        print(trainable_parameters_line(self))
 
     # -- save / load ----------------------------------------------------------------------------------
     def _adapter_state(self) -> dict[str, Tensor]:
@@ -282,6 +279,14 @@ class MoLAModel(nn.Module):
             for n, layer in layers.items():
                 set_submodule(self.model, n, layer)
         return out
+
+
+def trainable_parameters_line(model: nn.Module) -> str:
+    """``trainable params: N || all params: M || trainable%: P``, peft's format."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    share = 100 * trainable / max(total, 1)
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
 
 
 def _adapter_digest(config: str, tensors: dict[str, Tensor]) -> str:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from mola.config_utils import from_dict
 from mola.data.base import Heterogeneity, TaskInfo
 from mola.inject import MoLAConfig
+from mola.inject.model import trainable_parameters_line
 from mola.layers.routing import check_task_ids, task_groups
 from mola.models.backbones import MLP, BackboneConfig, SmallViT
 from mola.models.heads import DenseHead, make_head
@@ -37,13 +38,6 @@ class ModelConfig:
     #: train only what the arch adds (MoLA adapters, router, lift; heads; towers...): the backbone's own weights
     #: are frozen (requires_grad False), as peft does
     freeze_backbone: bool = False
-
-
-def trainable_parameters_line(model: nn.Module) -> str:
-    """``trainable params: N || all params: M || trainable%: P``, peft's format."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}"
 
 
 def task_rows(task_ids: Tensor, num_tasks: int) -> dict[int, Tensor]:
