@@ -22,6 +22,7 @@ RESULT_FILES = ("config.yaml", "metrics.csv", "final.json", "task_centroids.json
 """Files of a run folder that ``mola train --out`` never silently overwrites."""
 
 _interrupted_hint: list[str] = []  # what a Ctrl-C should tell (set by commands that write resumable state)
+_command_line: list[str] = []  # the arguments of this `mola` call, for a pasteable resume hint
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -35,6 +36,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.train.seed = args.seed
     if args.device is not None:
         cfg.train.device = args.device
+    shorthands = [v for v in (args.method, args.arch, args.weighting) if v]
+    if shorthands and not any(o.split("=", 1)[0].strip() == "name" for o in args.overrides or []):
+        cfg.name = "-".join([cfg.name, *shorthands])  # a router/HPS run of a config gets its own name and folder
     run_dir = _run_dir(cfg, args.out)
     if args.synthetic and not args.dry_run:
         raise ValueError("--synthetic builds a stand-in of the data for --dry-run only; add --dry-run")
@@ -200,7 +204,20 @@ def _train_hint(run_dir: Path) -> str:
     if not run_has_checkpoint(run_dir):
         return f"no checkpoint written yet in {run_dir}; rerun the same command to start again"
     where = f"last checkpoint: {last}" if last.is_file() else f"checkpoints of the per-task runs in {run_dir / 'tasks'}"
-    return f"{where}; continue with the same command plus --resume (mola train ... --out {run_dir} --resume)"
+    return f"{where}; continue with: {resume_command(_command_line, run_dir)}"
+
+
+def resume_command(argv: list[str], run_dir: Path) -> str:
+    """The command that continues an interrupted ``mola train``: the same arguments, ``--out RUN_DIR`` and
+    ``--resume`` (shell-quoted, pasteable)."""
+    import shlex
+
+    args = list(argv)
+    if "--out" in args[:-1]:
+        i = args.index("--out")
+        del args[i:i + 2]
+    args = [a for a in args if a not in ("--resume", "--overwrite")]
+    return shlex.join(["mola", *args, "--out", str(run_dir), "--resume"])
 
 
 def _one_line(err: BaseException) -> str:
@@ -229,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. User errors print one line (no traceback): exit 2 for bad input, 3 for a run stopped by
     a non-finite loss/metric, 1 for an OS error (disk full, permissions), 130 for Ctrl-C."""
     args = parse_args(argv)
+    _command_line[:] = list(sys.argv[1:] if argv is None else argv)
     from mola.engine.checkpoint import RunLockedError
     from mola.engine.trainer import NonFiniteLossError
 
