@@ -17,7 +17,8 @@ Combinations that cannot run are marked ``invalid`` (a mola_* method with anothe
 weighting other than ew). A run whose ``final.json`` exists is skipped; one with a ``last`` checkpoint but no
 ``final.json`` is resumed. Each run directory gets a ``sweep.json`` (the combination, read by ``mola report``),
 and ``out_dir/sweep_summary.csv`` gets one line per combination. Dotted overrides on the command line
-(``mola sweep --config S train.epochs=1``) apply to every run (an override axis of the same key wins).
+(``mola sweep --config S train.epochs=1``) apply to every run (an override axis of the same key wins); those
+of the sweep file's own keys change it (``grid.seed=[0]``, ``out_dir=runs/small``).
 
 Ctrl-C stops the sweep: queued runs are not started, runs in flight get one SIGINT and end with their own clean
 exit (their last checkpoint stays; the same command resumes them), the summary of what finished is written, and
@@ -163,8 +164,22 @@ def parse_sweep(data: dict[str, Any], sweep_dir: Path | None = None) -> SweepSpe
     return SweepSpec(base, out_dir, grid, overrides)
 
 
-def load_sweep(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep YAML file."""
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """Command-line overrides -> (those of the sweep file: ``grid.seed=[0]``, ``out_dir=...``; those of every run:
+    ``train.epochs=1``)."""
+    from mola.engine.config import parse_override
+
+    sweep, runs = [], []
+    for item in overrides:
+        key, _ = parse_override(item)
+        (sweep if key.split(".")[0] in SWEEP_KEYS else runs).append(item)
+    return sweep, runs
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
+    """Read and validate a sweep YAML file; ``overrides`` (dotted, e.g. ``grid.seed=[0]``) change it first."""
+    from mola.engine.config import apply_overrides
+
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"sweep file not found: {p}")
@@ -172,6 +187,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
         data = safe_load_unique(p.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"sweep file {p} is not valid YAML: {err}") from err
+    if overrides:
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"sweep file {p} must hold a mapping")
+        data = apply_overrides(data or {}, overrides)
     return parse_sweep(data or {}, p.parent)
 
 
@@ -430,8 +449,9 @@ def _print_counts(rows: list[dict[str, Any]], summary: Path) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    spec = load_sweep(args.config)
-    spec.common = list(args.overrides or [])
+    sweep_overrides, run_overrides = split_overrides(list(args.overrides or []))
+    spec = load_sweep(args.config, sweep_overrides)
+    spec.common = run_overrides
     plan = plan_sweep(spec)
     counts = {s: sum(r.status == s for r in plan) for s in ("new", "resume", "complete", "invalid")}
     print(f"sweep {args.config}: {len(plan)} combinations -> {spec.out_dir} (" +
@@ -466,7 +486,9 @@ def add_parser(subparsers: Any) -> None:
                    help="1: train in this process one run after another; N>1: N `mola train` subprocesses")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and their status, train nothing")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run, e.g. train.epochs=1")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted.key=value overrides: of every run (train.epochs=1) or of the sweep file "
+                        "(grid.seed=[0], out_dir=runs/small)")
     p.set_defaults(func=cmd_sweep)
 
 
