@@ -110,7 +110,10 @@ def write_curves(history: list[dict[str, Any]], tasks: list[str], path: Path) ->
                            label=f"{t} {m}")
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss per task (train solid, val dashed)")
     metric_ax.set(xlabel="epoch", ylabel="val metric", title="validation metric per task")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (loss_ax, metric_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
