@@ -173,3 +173,41 @@ def plot_report_bars(labels: list[str], columns: list[str], means: np.ndarray, s
 
 __all__ = ["plot_codes", "plot_params_vs_rank", "plot_pc_proportions", "plot_report_bars", "plot_router_heatmap",
            "plot_singular_values"]
+
+
+def plot_conflict_heatmap(cos: np.ndarray, task_names: list[str], path: str | Path, title: str) -> Path:
+    """(T, T) cosines of the tasks' mean gradients on one level's shared weights: red = conflict (< 0)."""
+    t = cos.shape[0]
+    fig = _figure(max(3.5, 0.5 * t + 2.4), max(3.0, 0.45 * t + 1.6))
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(np.where(np.isfinite(cos), cos, np.nan), cmap="RdBu", vmin=-1.0, vmax=1.0)
+    ax.set_xticks(range(t), [_short(n, 12) for n in task_names], fontsize=7, rotation=45, ha="right")
+    ax.set_yticks(range(t), [_short(n, 12) for n in task_names], fontsize=7)
+    if t <= 20:
+        for i in range(t):
+            for j in range(t):
+                if i != j and np.isfinite(cos[i, j]):
+                    ax.text(j, i, f"{cos[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if abs(cos[i, j]) > 0.6 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine of mean gradients")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_gain_vs_conflict(points: Sequence[dict[str, Any]], path: str | Path, xlabel: str, ylabel: str,
+                          title: str = "") -> Path:
+    """Paired gain (mean with its interval) against measured conflict, one labelled point per scenario/level."""
+    fig = _figure(5.2, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, p in enumerate(points):
+        lo, hi = p["ci_low"], p["ci_high"]
+        err = [[p["gain"] - lo], [hi - p["gain"]]] if math.isfinite(lo) and math.isfinite(hi) else None
+        ax.errorbar([p["conflict"]], [p["gain"]], yerr=err, fmt="o", capsize=3, color=COLORS[i % len(COLORS)])
+        ax.annotate(_short(str(p["label"]), 22), (p["conflict"], p["gain"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.axhline(0.0, color="#888888", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)

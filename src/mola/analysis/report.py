@@ -42,6 +42,13 @@ class ReportRow:
         v = [x for x in self.values.get(col, []) if math.isfinite(x)]
         return float(np.mean(v)) if v else math.nan
 
+    def params(self) -> str:
+        """Trainable parameters of the row's runs ("—" when unknown; the mean when they differ)."""
+        vals = [r.params for r in self.runs if r.params is not None]
+        if not vals:
+            return "—"
+        return f"{vals[0]:,}" if len(set(vals)) == 1 else f"~{round(float(np.mean(vals))):,}"
+
     def std(self, col: str) -> float:
         """Sample standard deviation over seeds (nan with fewer than two runs)."""
         v = [x for x in self.values.get(col, []) if math.isfinite(x)]
@@ -206,8 +213,8 @@ def to_markdown(table: ReportTable) -> str:
     if table.reference:
         over = "each task's column metric" if table.delta_metrics == "primary" else "all metrics of each task"
         lines.append(f"Δm% (lower is better) over {over}, against the mean of `{table.reference}`; Δp% = -Δm%.")
-    lines += ["", "| method | n | " + " | ".join(_header(table, c) for c in table.columns) + " |",
-              "|---|---:|" + "---:|" * len(table.columns)]
+    lines += ["", "| method | n | trainable params | " + " | ".join(_header(table, c) for c in table.columns) + " |",
+              "|---|---:|---:|" + "---:|" * len(table.columns)]
     for row in table.rows:
         cells = []
         for c in table.columns:
@@ -219,7 +226,7 @@ def to_markdown(table: ReportTable) -> str:
                 text = f"**{text}**"
             cells.append(text)
         mark = " †" if any(r.selected_on_test for r in row.runs) else ""
-        lines.append(f"| {row.label}{mark} | {len(row.runs)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row.label}{mark} | {len(row.runs)} | {row.params()} | " + " | ".join(cells) + " |")
     if any(r.selected_on_test for row in table.rows for r in row.runs):
         lines += ["", "† checkpoint selected on the test split (train.select_on=test_loss, the paper's protocol): "
                   "its test scores are not a held-out estimate."]
@@ -237,7 +244,7 @@ def write_csv(tables: ReportTable | list[ReportTable], path: str | Path) -> None
     columns: list[str] = []
     for t in tables:
         columns += [c for c in t.columns if c not in columns]
-    head = ["row", "arch", "mode", "weighting", "method", "override", "n_runs", "seeds"]
+    head = ["row", "arch", "mode", "weighting", "method", "override", "n_runs", "seeds", "trainable_params"]
     head += ["scenario"] if len(tables) > 1 else []
     head += [f"{csv_column(c)}_{s}" for c in columns for s in ("mean", "std")]
     with open(path, "w", newline="") as fh:
@@ -249,7 +256,7 @@ def write_csv(tables: ReportTable | list[ReportTable], path: str | Path) -> None
                 vals = []
                 for c in columns:
                     vals += [row.mean(c), row.std(c)]
-                w.writerow([row.label, *row.key, len(row.runs), seeds]
+                w.writerow([row.label, *row.key, len(row.runs), seeds, row.params().replace(",", "")]
                            + ([scenario_title(table)] if len(tables) > 1 else [])
                            + ["" if not math.isfinite(v) else repr(float(v)) for v in vals])
 
@@ -319,19 +326,22 @@ def paired_markdown(table: ReportTable, base: ReportRow, rows: list[PairedRow]) 
     lines = [f"## Paired by seed against `{base.label}`", "",
              "diff = method - reference per shared seed, signed so that + is better (for Δm: reference - method); "
              "tasks and Avg in points, Δm in %; 95% Student-t interval over seeds; W/L = seeds won/lost; "
-             f"verdict: better / worse when the interval excludes 0 (and n >= {MIN_PAIRS}), else unresolved.", ""]
+             f"verdict: better / worse when the interval excludes 0 (and n >= {MIN_PAIRS}), else unresolved; "
+             f"the reference has {base.params()} trainable parameters.", ""]
     summary = [c for c in (AVG, DELTA_M) if c in table.columns]
+    params = {row.label: row.params() for row in table.rows}
     if summary:
-        lines += ["| method | n | " + " | ".join(f"{'Δm%' if c == DELTA_M else c} diff [95% CI], W/L: verdict"
-                                                 for c in summary) + " |",
-                  "|---|---:|" + "---|" * len(summary)]
+        lines += ["| method | n | trainable params | " + " | ".join(
+                      f"{'Δm%' if c == DELTA_M else c} diff [95% CI], W/L: verdict" for c in summary) + " |",
+                  "|---|---:|---:|" + "---|" * len(summary)]
         for pr in rows:
             cells = []
             for c in summary:
                 r = pr.results[c]
                 mean, ci = _paired_cell(table, c, r)
                 cells.append(f"{mean} {ci}, {r.wins}/{r.losses}: **{r.verdict}**")
-            lines.append(f"| {pr.label} | {pr.results[summary[0]].n} | " + " | ".join(cells) + " |")
+            lines.append(f"| {pr.label} | {pr.results[summary[0]].n} | {params.get(pr.label, '—')} | "
+                         + " | ".join(cells) + " |")
         lines.append("")
     lines += ["| method | column | n | mean diff | 95% CI | W/L | verdict |", "|---|---|---:|---:|---|---:|---|"]
     for pr in rows:

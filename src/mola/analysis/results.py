@@ -36,6 +36,7 @@ class RunResult:
     scores: dict[str, dict[str, float]]
     config: dict[str, Any] | None = None  # the resolved RunConfig as a dict (None: the run has no config.yaml)
     selected_on_test: bool = False  # its checkpoint was chosen on the test split (train.select_on=test_loss)
+    params: int | None = None  # trainable parameters (final.json; older runs: every parameter of the model)
 
     @property
     def key(self) -> GroupKey:
@@ -98,7 +99,16 @@ def read_run_result(path: str | Path, split: str = "test", checkpoint: str = "be
     return RunResult(path, arch, mode, final.get("weighting") or train.get("weighting", "ew"),
                      final.get("method") or train.get("method", "erm"), override or "", seed,
                      {t: {m: float(v) for m, v in r.items() if isinstance(v, (int, float))} for t, r in scores.items()},
-                     config, final.get("selection", {}).get("valid_protocol", True) is False)
+                     config, final.get("selection", {}).get("valid_protocol", True) is False, trainable_count(final))
+
+
+def trainable_count(final: dict[str, Any]) -> int | None:
+    """Trainable parameters of a run's final.json: ``trainable_parameters`` (model and method), else the
+    model's ``parameters.total`` (runs written before the count was stored), else None."""
+    value = final.get("trainable_parameters")
+    if value is None:
+        value = (final.get("parameters") or {}).get("total") if isinstance(final.get("parameters"), dict) else None
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -182,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     ls = sub.add_parser("list", help="scenarios, archs, weightings, methods and backbones")
     ls.set_defaults(func=cmd_list)
-    from mola.cli import analyze, export, layers, predict, report, sweep
-    for mod in (analyze, sweep, report, export, predict, layers):
+    from mola.cli import analyze, conflict, export, layers, predict, report, sweep
+    for mod in (analyze, conflict, sweep, report, export, predict, layers):
         mod.add_parser(sub)
     return p
 
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 INTERRUPT_HINTS = {
     "sweep": "run the same `mola sweep` command again: finished runs are skipped, interrupted ones resume from "
              "their last checkpoint",
-    "eval": "nothing was written", "predict": "nothing was written",
+    "eval": "nothing was written", "predict": "nothing was written", "conflict": "no complete output was written",
 }
 
 

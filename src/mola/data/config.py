@@ -30,3 +30,4 @@ class DataConfig:
     #: paper: the paper's (RandomResizedCrop scale 0.7-1 bicubic, flip, ColorJitter 0.4, 10% gray; eval: Resize
     #: + CenterCrop)
     augment: bool | Literal["paper"] = False
+    shift: float = 0.0  # shifted_digits: share (0..1) of pixels each domain scrambles (the conflict knob)

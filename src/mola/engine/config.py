@@ -57,6 +57,8 @@ class TrainConfig:
     #: stop when the selection score has not improved for this many epochs (null: train every epoch)
     early_stopping: int | None = None
     tensorboard: bool = True  # write TensorBoard events to RUN_DIR/tb
+    log_conflict_every: int | None = None  # epochs between task-conflict measurements (metrics.csv, TensorBoard)
+    conflict_batches: int = 4  # K batches of each conflict measurement during training (docs/conflict.md)
     single_task_results: str | None = None  # final.json of a single-task run: adds delta_m / delta_p to final.json
 
 
@@ -202,11 +204,12 @@ _RANGES: dict[str, tuple[float, bool, bool]] = {
     "data.val_fraction": (0, True, False), "data.test_fraction": (0, True, False),
     "data.max_per_task": (1, True, True), "data.max_eval_per_task": (1, True, True),
     "data.batch_size": (1, True, False), "data.eval_batch_size": (1, True, False),
-    "data.num_workers": (0, True, False),
+    "data.num_workers": (0, True, False), "data.shift": (0, True, False),
     "model.backbone.width": (1, True, False), "model.head_hidden": (1, True, False),
     "train.epochs": (1, True, False), "train.max_steps_per_epoch": (1, True, True),
     "train.checkpoint_every_steps": (1, True, True), "train.max_consecutive_skips": (1, True, False),
     "train.early_stopping": (1, True, True),
+    "train.log_conflict_every": (1, True, True), "train.conflict_batches": (1, True, False),
     "optim.lr": (0, False, True), "optim.momentum": (0, True, False), "optim.weight_decay": (0, True, True),
     "optim.grad_clip": (0, False, True),
 }
@@ -227,6 +230,9 @@ def check_values(cfg: RunConfig) -> None:
         if not ok:
             rng = f"{'>=' if inclusive else '>'} {low:g}" + (" (or null)" if nullable else "")
             raise ValueError(f"config key {key} must be {rng}, got {node!r}")
+    if cfg.data.shift > 1:
+        raise ValueError(f"config key data.shift must be in [0, 1] (the share of pixels scrambled), got "
+                         f"{cfg.data.shift!r}")
     for key in ("data.val_fraction", "data.test_fraction", "optim.momentum"):
         value = d[key.split(".")[0]][key.split(".")[1]]
         if value >= 1:

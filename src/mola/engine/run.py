@@ -44,7 +44,8 @@ class LoadedRun:
 
 RESUME_FREE_KEYS = ("train.epochs", "train.progress", "train.tensorboard", "train.device", "train.eval_test",
                     "train.checkpoint_every_steps", "train.on_nonfinite", "train.single_task_results",
-                    "train.max_consecutive_skips", "train.on_nonfinite_metric", "train.log_every_steps")
+                    "train.max_consecutive_skips", "train.on_nonfinite_metric", "train.log_every_steps",
+                    "train.log_conflict_every", "train.conflict_batches")
 """Settings a resumed run may change without a warning (they do not change the trained weights)."""
 
 

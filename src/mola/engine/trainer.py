@@ -344,6 +344,21 @@ class Trainer:
         return select_score(val, self.tasks, self.cfg.train, self.epoch if epoch is None else epoch,
                             self._last_good())
 
+    def conflict_columns(self) -> dict[str, float]:
+        """Every ``train.log_conflict_every`` epochs (on the main process): the task conflict on the shared
+        weights at the current weights (``conflict/<level>/mean_cosine``, ...); the RNG, BatchNorm buffers and
+        the training batches are left as they were, so a run with it trains the same weights as without."""
+        every = self.cfg.train.log_conflict_every
+        if not every or (self.epoch + 1) % every or not self.dist.is_main:
+            return {}
+        from mola.engine.conflict import model_conflict, summary_columns
+
+        cfg = self.cfg
+        result = model_conflict(self.model, self.scenario, cfg.train.conflict_batches, cfg.data.batch_size,
+                                seed=cfg.train.seed + self.epoch, target_modules=cfg.model.mola.target_modules,
+                                device=self.device)
+        return summary_columns(result)
+
     # -- the run -------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train for the configured epochs (from the current epoch on), write metrics, checkpoints, final.json.
@@ -382,6 +397,7 @@ class Trainer:
                 row.update({f"method/{k}": v for k, v in self._method_epoch.read().items()})
                 row.update({f"val/{tn}/{m}": v for tn, r in val.items() for m, v in r.items()})
                 row.update({f"test/{tn}/loss": r["loss"] for tn, r in (test or {}).items()})
+                row.update(self.conflict_columns())
                 self.history.append(row)
                 self.epoch += 1
                 improved = score > self.best_score or self.best_epoch < 0  # the score is finite (select_score)
@@ -434,6 +450,7 @@ class Trainer:
             "stopped_early": self.epoch < self.cfg.train.epochs,
             "seconds_per_epoch": float(np.mean([r["seconds"] for r in self.history])) if self.history else None,
             "parameters": num_parameters(self.model),
+            "trainable_parameters": sum(p.numel() for p in self.params),
             "scenario": self.scenario.summary(),
             "arch": self.cfg.model.arch,
             "mode": self.cfg.model.mola.mode if self.cfg.model.arch == "mola" else None,

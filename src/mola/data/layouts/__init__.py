@@ -10,5 +10,6 @@ from mola.data.layouts import (  # noqa: F401  (imported for their registrations
     office_caltech10,
     paper,
     radimagenet,
+    shifted_digits,
     tasks,
 )
