@@ -167,9 +167,11 @@ def _root_from_file(data: dict[str, Any], config: Path) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
-                arch: str | None = None, weighting: str | None = None, method: str | None = None) -> RunConfig:
+                arch: str | None = None, weighting: str | None = None, method: str | None = None,
+                root_from_file: bool = True) -> RunConfig:
     """Read a YAML run config (a path, or a shipped config's name), apply CLI shorthands and dotted overrides,
-    and validate every key. A relative ``data.root`` in the file is relative to the file's folder."""
+    and validate every key. A relative ``data.root`` in the file is relative to the file's folder
+    (``root_from_file=False``: kept as written, e.g. a run folder's stored config)."""
     data: dict[str, Any] = {}
     if path is not None:
         p = find_config(path)
@@ -180,7 +182,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"config file {p} must hold a mapping at top level")
         data = loaded or {}
-        _root_from_file(data, p)
+        if root_from_file:
+            _root_from_file(data, p)
     if method in SHORTHANDS and arch not in (None, "mola"):
         raise ValueError(f"--method {method} implies --arch mola, not {arch}")
     if method is not None:
