@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from fixtures_data import make_office, shared_dir
+from fixtures_data import make_nyuv2, make_office, shared_dir
 from mola.cli.main import main
 from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
 from mola.engine import Trainer, load_config
@@ -257,3 +257,20 @@ def test_hps_wide_reaches_mola_grad_parameter_count_at_the_smallest_width() -> N
     cfg.backbone.name = "resnet18"
     with pytest.raises(ValueError, match="no width setting"):
         build_model(sc, cfg)
+
+
+@pytest.mark.parametrize("arch", ["hps", "mola"])
+def test_single_input_tasks_are_measured_on_the_same_rows(tmp_path: Path, arch: str) -> None:
+    """NYUv2-style data (segmentation, depth, normals on one image): every task's loss on every row."""
+    from mola.data import DataConfig, build_scenario
+
+    sc = build_scenario(DataConfig(kind="nyuv2", root=str(make_nyuv2(tmp_path / "nyu", n_train=12, n_val=4)),
+                                   val_fraction=0.25))
+    cfg = ModelConfig(arch=arch)
+    cfg.backbone.name, cfg.backbone.width = "small_cnn", 4
+    torch.manual_seed(0)
+    result = model_conflict(build_model(sc, cfg), sc, num_batches=2, batch_size=4, seed=0)
+    rows = result.rows(n_boot=50)
+    assert {(r["task_a"], r["task_b"]) for r in rows} == {("segmentation", "depth"), ("segmentation", "normal"),
+                                                         ("depth", "normal")}
+    assert all(np.isfinite(r["cosine"]) and -1 <= r["cosine"] <= 1 for r in rows)

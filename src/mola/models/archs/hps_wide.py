@@ -23,9 +23,9 @@ MAX_WIDTH_FACTOR = 8
 
 @dataclass
 class HPSWideOptions:
-    """``max_width``: the widest backbone tried (default 8x ``model.backbone.width``)."""
+    """How far ``hps_wide`` may widen the backbone."""
 
-    max_width: int | None = None
+    max_width: int | None = None  # the widest backbone width tried (null: 8x model.backbone.width)
 
 
 def trainable(model: nn.Module) -> int:
