@@ -72,3 +72,28 @@ def test_sweep_takes_overrides_for_every_run(tmp_path: Path, capsys: pytest.Capt
 
     final = json.loads((tmp_path / "out" / "s0" / "final.json").read_text())
     assert final["epochs"] == 1 and final["scenario"]["train"] == [4, 4, 4]
+
+
+def test_ctrl_c_in_an_in_process_sweep_writes_the_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import mola.cli.sweep as sweep_mod
+    from mola.cli.main import main
+
+    p = _sweep(tmp_path, epochs=1)
+    calls: list[str] = []
+
+    def fake_train(run, spec):  # the second run is interrupted by Ctrl-C
+        calls.append(run.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        (run.run_dir / "final.json").write_text('{"mean": {"val": {"acc": 0.5}, "test": {"acc": 0.5}}}')
+        return {}
+
+    monkeypatch.setattr(sweep_mod, "_train_in_process", fake_train)
+    assert main(["sweep", "--config", str(p), "--no-progress"]) == 130
+    captured = capsys.readouterr()
+    assert "1 trained" in captured.out and "1 interrupted" in captured.out and "4 not started" in captured.out
+    assert "run the same `mola sweep` command again" in captured.err
+    with open(tmp_path / "out" / "sweep_summary.csv") as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == ["trained", "interrupted"] + ["not started"] * 4
+    assert calls == ["s0", "s1"]
