@@ -36,6 +36,11 @@ def test_shipped_config_by_name_from_another_folder(tmp_path: Path, monkeypatch:
     assert cfg.name == "demo_medmnist_grad"
     assert Path(cfg.data.root).resolve() == (REPO.parent / "shared" / "data" / "medmnist").resolve()
     assert load_config("paper/vlcs_grad").data.kind == "vlcs"
+    assert load_config("configs/demo.yaml").name == cfg.name  # the README's path form, from another folder
+    from mola.cli.sweep import load_sweep, plan_sweep
+
+    spec = load_sweep("medmnist_compare", ["grid.seed=[0]", f"out_dir={tmp_path / 'sw'}"])
+    assert spec.base.is_file() and [r.name for r in plan_sweep(spec)][-1] == "mola_router-s0"
     assert load_config("medmnist_grad.yaml").name == load_config(REPO / "configs" / "medmnist_grad.yaml").name
     with pytest.raises(FileNotFoundError, match=r"Did you mean .*demo"):
         load_config("demoo")

@@ -113,11 +113,18 @@ def _parse_override_item(axis: str, item: Any) -> tuple[str, list[str]]:
 
 
 def _resolve(path: str, sweep_dir: Path | None) -> Path:
+    from mola.engine.config import find_config
+
     p = Path(path).expanduser()
-    if p.is_absolute() or p.exists() or sweep_dir is None:
+    if p.is_absolute() or p.exists():
         return p
-    alt = sweep_dir / p
-    return alt if alt.exists() else p
+    alt = sweep_dir / p if sweep_dir is not None else p
+    if alt.exists():
+        return alt
+    try:  # a shipped config by name or as configs/x.yaml, from any folder
+        return find_config(p)
+    except FileNotFoundError:
+        return p
 
 
 def parse_sweep(data: dict[str, Any], sweep_dir: Path | None = None) -> SweepSpec:
@@ -180,7 +187,16 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     """Read and validate a sweep YAML file; ``overrides`` (dotted, e.g. ``grid.seed=[0]``) change it first."""
     from mola.engine.config import apply_overrides
 
-    p = Path(path)
+    p = Path(path).expanduser()
+    if not p.is_file() and not p.is_absolute():  # a shipped sweep by name (medmnist_compare) or path
+        from mola.engine.config import SHIPPED_CONFIGS
+
+        stem = p if p.suffix in (".yaml", ".yml") else p.with_name(p.name + ".yaml")
+        shipped = (Path("configs") / "sweeps" / stem, SHIPPED_CONFIGS / "sweeps" / stem, SHIPPED_CONFIGS.parent / stem)
+        for cand in shipped:
+            if cand.is_file():
+                p = cand
+                break
     if not p.is_file():
         raise FileNotFoundError(f"sweep file not found: {p}")
     try:

@@ -144,6 +144,8 @@ def find_config(path: str | Path) -> Path:
         for folder in config_folders():
             if (folder / stem).is_file():
                 return folder / stem
+        if stem.parts[:1] == ("configs",) and (SHIPPED_CONFIGS.parent / stem).is_file():
+            return SHIPPED_CONFIGS.parent / stem  # configs/x.yaml of the checkout, from another folder
     near = sorted(f.name for f in p.parent.glob("*.y*ml")) if p.parent.is_dir() else []
     named = sorted({f.stem for d in config_folders() for f in d.glob("*.yaml")})
     close = [str(p.parent / c) for c in difflib.get_close_matches(p.name, near, n=3)]
