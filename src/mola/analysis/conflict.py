@@ -68,7 +68,8 @@ def write_conflict(result: ConflictResult, out_dir: str | Path, meta: dict[str, 
     summary = format_conflict_summary(result, clean, header)
     write_text(summary + "\n", out / "summary.txt")
     write_json({**meta, "tasks": result.tasks, "levels": {k: result.sizes[k] for k in result.levels()},
-                "confidence": confidence, "interval": "percentile bootstrap over the K batches (2000 resamples)"},
+                "confidence": confidence,
+                "interval": "basic (reverse-percentile) bootstrap over the K batches (2000 resamples)"},
                out / "conflict.json")
     if plots:
         for level in result.levels():

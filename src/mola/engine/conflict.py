@@ -85,8 +85,8 @@ def mean_gradient_cosines(gram: np.ndarray, weights: np.ndarray | None = None) -
 
 def pair_statistics(gram: np.ndarray, confidence: float = 0.95, n_boot: int = 2000,
                     seed: int = 0) -> dict[str, np.ndarray]:
-    """(T, T) arrays: cosine of mean gradients, its percentile-bootstrap interval over the K batches (nan for
-    K < 2), fraction of batches whose own cosine is negative, and ||mean g_a|| / ||mean g_b||."""
+    """(T, T) arrays: cosine of mean gradients, its basic-bootstrap interval over the K batches (nan for
+    K < 2; clipped to [-1, 1]), fraction of batches whose own cosine is negative, and ||mean g_a|| / ||mean g_b||."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     k, t = gram.shape[0], gram.shape[1]
@@ -109,8 +109,11 @@ def pair_statistics(gram: np.ndarray, confidence: float = 0.95, n_boot: int = 20
         alpha = (1.0 - confidence) / 2
         with np.errstate(invalid="ignore"):
             if np.isfinite(boot).any():
-                low = np.nanquantile(boot, alpha, axis=0)
-                high = np.nanquantile(boot, 1.0 - alpha, axis=0)
+                # basic (reverse-percentile) bootstrap: resamples repeat batches, which adds noise to the means
+                # and pulls their cosine towards 0; reflecting the quantiles around the estimate undoes that
+                # bias, where plain percentiles could leave the estimate outside its own interval
+                low = np.clip(2 * cos - np.nanquantile(boot, 1.0 - alpha, axis=0), -1.0, 1.0)
+                high = np.clip(2 * cos - np.nanquantile(boot, alpha, axis=0), -1.0, 1.0)
     return {"cosine": cos, "ci_low": low, "ci_high": high, "neg_fraction": neg, "norm_ratio": ratio}
 
 
