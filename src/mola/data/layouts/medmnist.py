@@ -265,7 +265,8 @@ def build_medmnist(cfg: DataConfig) -> Scenario:
         shared_head=False,
         notes="; ".join(
             [f"MedMNIST tasks from {str(root)!r}: {', '.join(stems)}; pixels /255 then (x-0.5)/0.5; "
-             f"{channels} channel(s)"] + notes
+             f"{channels} channel(s) (gray replicated, RGB to luminance as needed); {hw[0]}x{hw[1]} images"
+             + (f", resized to {size}x{size}" if tf is not None else ", not resized")] + notes
         ),
         extra={"files": {n: str(found[s]) for n, s in zip(names, stems, strict=True)}, "root": str(root),
                "classes": {i.name: known_labels(s, i.num_classes or 0) or [str(c) for c in range(i.num_classes or 0)]
