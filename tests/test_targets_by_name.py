@@ -4,6 +4,7 @@ layers``."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,18 @@ def test_mola_layers_lists_stages_and_adapter_sizes(capsys: pytest.CaptureFixtur
     assert line.lstrip().startswith("*") and f"+{e * (r * k * ci * k + co * k * r * k):,} adapter params" in line
     assert "layer1.0.conv1" in text and not next(ln for ln in text.splitlines() if "layer1.0.conv1 " in ln) \
         .lstrip().startswith("*")
+
+
+def test_target_on_the_mola_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fixtures_data import make_task_folders
+
+    root = make_task_folders(tmp_path / "mine")
+    args = ["train", "--config", "demo", "--dry-run", "data.kind=tasks", f"data.root={root}"]
+    assert main([*args, "model.mola.target_modules=layer4.conv1"]) == 0
+    one = capsys.readouterr().out
+    assert main([*args, r"model.mola.target_modules=re:layer4\.conv\d"]) == 0
+    two = capsys.readouterr().out
+    adapters = [int(re.search(r"'adapters': (\d+)", t).group(1)) for t in (one, two)]  # type: ignore[union-attr]
+    # kernel layout, 3 tasks, rank 4, small_cnn width 16: layer4.conv1 is 64 -> 128, layer4.conv2 128 -> 128, 3x3
+    conv1, conv2 = 3 * (4 * 3 * 64 * 3 + 128 * 3 * 4 * 3), 3 * (4 * 3 * 128 * 3 + 128 * 3 * 4 * 3)
+    assert adapters == [conv1, conv1 + conv2]
