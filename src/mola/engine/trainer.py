@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -36,7 +37,7 @@ from mola.engine.checkpoint import (
 from mola.engine.config import RunConfig, check_values, dump_config
 from mola.engine.distributed import init_distributed, shard_loaders, wrap_ddp
 from mola.engine.evaluate import evaluate, forward_losses, host_batch
-from mola.engine.logs import RunningMeans, tensorboard, write_metrics
+from mola.engine.logs import RunningMeans, epoch_line, tensorboard, write_curves, write_metrics
 from mola.engine.run import RESUME_FREE_KEYS, absolute_root, check_compatible, config_diff, load_run, load_tensors
 from mola.engine.selection import (
     INVALID_SELECTION,
@@ -55,6 +56,9 @@ from mola.metrics import mean_over_tasks
 from mola.models import build_model, num_parameters
 from mola.models.base import MultiTaskModel
 from mola.tasks import Scenario
+
+CURVES_EVERY_S = 30.0
+"""curves.png is redrawn after an epoch at most this often while training, and once at the end."""
 
 
 def _loss_dtype(device: torch.device) -> torch.dtype:
@@ -394,24 +398,15 @@ class Trainer:
             dump_config(self.cfg, self.run_dir / "config.yaml")
         writer = tensorboard(self.run_dir) if self.cfg.train.tensorboard and main else None
         total = self.cfg.train.epochs
+        self._curves_at = time.perf_counter()
         with tqdm(total=max(0, (total - self.epoch) * self.steps_per_epoch - self.batch_in_epoch),
                   disable=not (self.cfg.train.progress and main),
                   desc=self.cfg.name, unit="step") as bar:
             while self.epoch < total:
+                bar.set_description(f"{self.cfg.name} epoch {self.epoch + 1}/{total}")
                 start = time.perf_counter()
                 train_losses = self.train_epoch(bar, writer)
-                seconds = time.perf_counter() - start
-                val = self.evaluate("val")
-                test = self.evaluate("test") if self.cfg.train.select_on == "test_loss" else None
-                score = self.select_score(val) if test is None else -float(np.mean([r["loss"] for r in test.values()]))
-                row = {"epoch": self.epoch, "step": self.step, "seconds": round(seconds, 3),
-                       "lr": self.optimizer.param_groups[0]["lr"], "select_score": score,
-                       "selected_on": selection_label(self.cfg)}
-                row.update({f"train/{self.tasks[k].name}/loss": v for k, v in train_losses.items()})
-                row.update({f"method/{k}": v for k, v in self._method_epoch.read().items()})
-                row.update({f"val/{tn}/{m}": v for tn, r in val.items() for m, v in r.items()})
-                row.update({f"test/{tn}/loss": r["loss"] for tn, r in (test or {}).items()})
-                row.update(self.conflict_columns())
+                row, score = self._epoch_row(time.perf_counter() - start, train_losses)
                 self.history.append(row)
                 self.epoch += 1
                 improved = score > self.best_score or self.best_epoch < 0  # the score is finite (select_score)
@@ -419,17 +414,55 @@ class Trainer:
                     self.best_score = score
                     self.best_epoch = self.epoch - 1
                 self.save(("last", "best") if improved else "last")
-                if main:
-                    write_metrics(self.history, self.run_dir)
-                    fault_point("metrics.written")
-                if writer is not None:
-                    for k, v in row.items():
-                        if isinstance(v, (int, float)) and k not in ("epoch", "step"):
-                            writer.add_scalar(k, v, self.epoch)
-                    writer.flush()
+                self._log_epoch(row, improved, bar, writer)
+                if self._stop_early(bar):
+                    break
         if writer is not None:
             writer.close()
+        if main:
+            write_curves(self.history, [t.name for t in self.tasks], self.run_dir / "curves.png")
         return self.finalize()
+
+    def _epoch_row(self, seconds: float, train_losses: dict[int, float]) -> tuple[dict[str, Any], float]:
+        """The epoch's metrics.csv row (train losses, method outputs, val metrics, conflict) and its selection
+        score."""
+        val = self.evaluate("val")
+        test = self.evaluate("test") if self.cfg.train.select_on == "test_loss" else None
+        score = self.select_score(val) if test is None else -float(np.mean([r["loss"] for r in test.values()]))
+        row = {"epoch": self.epoch, "step": self.step, "seconds": round(seconds, 3),
+               "lr": self.optimizer.param_groups[0]["lr"], "select_score": score,
+               "selected_on": selection_label(self.cfg)}
+        row.update({f"train/{self.tasks[k].name}/loss": v for k, v in train_losses.items()})
+        row.update({f"method/{k}": v for k, v in self._method_epoch.read().items()})
+        row.update({f"val/{tn}/{m}": v for tn, r in val.items() for m, v in r.items()})
+        row.update({f"test/{tn}/loss": r["loss"] for tn, r in (test or {}).items()})
+        row.update(self.conflict_columns())
+        return row, score
+
+    def _log_epoch(self, row: dict[str, Any], improved: bool, bar: Any, writer: Any) -> None:
+        """metrics.csv, the epoch line, curves.png (at most every ``CURVES_EVERY_S``) and TensorBoard."""
+        if self.dist.is_main:
+            write_metrics(self.history, self.run_dir)
+            fault_point("metrics.written")
+            bar.write(epoch_line(row, [t.name for t in self.tasks], self.cfg.train.epochs, improved), file=sys.stderr)
+            if time.perf_counter() - self._curves_at > CURVES_EVERY_S:  # a plot costs ~0.3 s: not every epoch
+                write_curves(self.history, [t.name for t in self.tasks], self.run_dir / "curves.png")
+                self._curves_at = time.perf_counter()
+        if writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    writer.add_scalar(k, v, self.epoch)
+            writer.flush()
+
+    def _stop_early(self, bar: Any) -> bool:
+        """``train.early_stopping`` epochs without a better selection score: stop (and say so)."""
+        patience = self.cfg.train.early_stopping
+        if not patience or self.epoch - 1 - self.best_epoch < patience:
+            return False
+        if self.dist.is_main:
+            bar.write(f"early stopping: no better selection score for {patience} epochs (best: epoch "
+                      f"{self.best_epoch + 1}; train.early_stopping={patience})", file=sys.stderr)
+        return True
 
     def finalize(self) -> dict[str, Any]:
         """Evaluate the last and the best (by val) checkpoints; write final.json."""
@@ -450,6 +483,7 @@ class Trainer:
                 "mean": {"val": mean_over_tasks(last_val), "test": mean_over_tasks(last_test) if last_test else {}},
             },
             "epochs": self.epoch,
+            "stopped_early": self.epoch < self.cfg.train.epochs,
             "seconds_per_epoch": float(np.mean([r["seconds"] for r in self.history])) if self.history else None,
             "parameters": num_parameters(self.model),
             "trainable_parameters": sum(p.numel() for p in self.params),

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from mola.files import atomic_write, tensors_sha256
 from mola.inject.config import ADAPTER_WARN_FACTOR, MAX_ADAPTER_GB, MoLAConfig, adapter_budget
-from mola.inject.targets import find_stages, rank_for, resolve_targets
+from mola.inject.targets import find_stage_groups, rank_for, resolve_targets
 from mola.layers import Lift, MLPRouter, MoLAConv2d, MoLALayer, MoLALinear, Router, Routing, twd_loss
 from mola.layers.routing import check_task_ids
 
@@ -169,6 +169,18 @@ class MoLAModel(nn.Module):
         return {"backbone": backbone, "adapters": adapters, "router": router, "lift": lift,
                 "total": backbone + adapters + router + lift}
 
+    def freeze_backbone(self) -> None:
+        """Train only the adapters, router and lift: every other weight of the wrapped model gets
+        ``requires_grad=False`` (peft's default for LoRA; MoLA trains all by default, as the paper)."""
+        mine = {id(p) for p in self.adapter_parameters().values()}
+        for p in self.model.parameters():
+            if id(p) not in mine:
+                p.requires_grad_(False)
+
+    def print_trainable_parameters(self) -> None:
+        """Print trainable and total parameter counts (peft's method of the same name)."""
+        print(trainable_parameters_line(self))
+
     # -- save / load ----------------------------------------------------------------------------------
     def _adapter_state(self) -> dict[str, Tensor]:
         state = {k: v.detach() for k, v in self.adapter_parameters().items()}
@@ -268,6 +280,14 @@ class MoLAModel(nn.Module):
         return out
 
 
+def trainable_parameters_line(model: nn.Module) -> str:
+    """``trainable params: N || all params: M || trainable%: P``, peft's format."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    share = 100 * trainable / max(total, 1)
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
+
+
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -315,12 +335,13 @@ def router_groups(model: nn.Module, names: list[str], sharing: str) -> dict[str,
     if sharing != "per_stage":
         raise ValueError(f"router_sharing={sharing!r}; expected one of ['shared', 'per_stage', 'per_layer']")
     try:
-        prefixes, _ = find_stages(model)
+        stages, _ = find_stage_groups(model)
     except ValueError as err:
         raise ValueError(f"router_sharing='per_stage' needs the model's stages: {err}") from err
+    prefixes = [g[0] for g in stages]
     groups: dict[str, list[str]] = {}
     for n in names:
-        stage = next((p for p in prefixes if n == p or n.startswith(p + ".")), None)
+        stage = next((g[0] for g in stages if any(n == p or n.startswith(p + ".") for p in g)), None)
         if stage is None:
             raise ValueError(f"router_sharing='per_stage': MoLA layer {n!r} is in no backbone stage {prefixes}; "
                              "use router_sharing 'shared' or 'per_layer'")
@@ -336,7 +357,9 @@ def inject(model: nn.Module, config: MoLAConfig, *, max_adapter_gb: float | None
     if not isinstance(config, MoLAConfig):
         raise ValueError(f"inject expects a MoLAConfig, got {type(config).__name__}")
     if config.num_experts < 1:
-        raise ValueError(f"MoLAConfig.num_experts must be >= 1 (E = number of tasks), got {config.num_experts}")
+        raise ValueError(f"MoLAConfig.num_experts={config.num_experts}: inject needs the number of adapters E "
+                         "(usually the number of tasks), e.g. MoLAConfig(num_experts=3); 0, the default, means "
+                         "'one per task' only in a run config, where mola knows the tasks")
     if any(isinstance(m, MoLALayer) for m in model.modules()):
         raise ValueError("model already contains MoLA layers; inject into the original model once")
     names = resolve_targets(model, config.target_modules)

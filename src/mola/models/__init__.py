@@ -25,6 +25,8 @@ def build_model(scenario: Scenario, cfg: ModelConfig) -> MultiTaskModel:
     model = arch(factory, scenario.tasks, scenario.heterogeneity, scenario.shared_head, scenario.input_shape, cfg)
     if cfg.head != "auto":
         model.use_dense_head(cfg.head, cfg.head_hidden)
+    if cfg.freeze_backbone:
+        model.freeze_backbone()
     return model
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mola.inject import find_stages
+from mola.inject import find_stage_groups
 from mola.layers.router import BasicBlock
 from mola.models.weights import load_weights
 from mola.registry import Registry
@@ -42,7 +42,9 @@ class BackboneConfig:
     weights: str | None = None
     strict: bool = True  # weights must fit the backbone (no missing/unexpected/mis-shaped key); false: load the rest
     dilated: bool | None = None  # keep resolution in the last stages (null: only for dense tasks)
-    small_input: bool | None = None  # ResNet 3x3 stem without max-pool (null: when the input side <= 64)
+    #: ResNet/ShuffleNet 3x3 stride-1 stem without max-pool; null: when the input side <= 64 and no weights are
+    #: loaded (pretrained weights keep the stem they were trained with)
+    small_input: bool | None = None
     width: int = 32  # small_cnn base width; mlp hidden sizes 16w, 8w; vit_small dim 4w
     #: builder options: mlp {hidden, dropout, norm: batch|none}; vit_small {patch, dim, depth, heads, mlp_ratio};
     #: timm:<name> keyword arguments of timm.create_model
@@ -116,6 +118,14 @@ class BackboneRegistry(Registry[BackboneBuilder]):
 BACKBONES: BackboneRegistry = BackboneRegistry("backbone")
 
 
+def auto_small_input(input_shape: tuple[int, ...], cfg: BackboneConfig) -> bool:
+    """``cfg.small_input``, or (null) True for inputs of side <= 64 without weights: a pretrained stem is kept,
+    since the weights only fit the shape they were trained with."""
+    if cfg.small_input is not None:
+        return cfg.small_input
+    return min(input_shape[1:]) <= 64 and not cfg.weights
+
+
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet without pool/fc; stem and layer1..layer4 stay top-level so MoLA presets apply."""
 
@@ -153,7 +163,7 @@ def _resnet(depth: int) -> BackboneBuilder:
         if len(input_shape) != 3:
             raise ValueError(f"resnet{depth} needs image inputs (C, H, W), got input shape {input_shape}")
         dilated = dense if cfg.dilated is None else cfg.dilated
-        small = min(input_shape[1:]) <= 64 if cfg.small_input is None else cfg.small_input
+        small = auto_small_input(input_shape, cfg)
         ctor = getattr(torchvision.models, f"resnet{depth}")
         if depth >= 50:
             net = ctor(weights=None, replace_stride_with_dilation=[False, dilated, dilated])
@@ -208,7 +218,7 @@ def _shufflenet(input_shape: tuple[int, ...], cfg: BackboneConfig, dense: bool) 
         raise ValueError(f"shufflenet_v2_x1_0 needs image inputs (C, H, W), got input shape {input_shape}")
     if cfg.dilated:
         raise ValueError("shufflenet_v2_x1_0 has no dilated variant (model.backbone.dilated must be null/false)")
-    small = min(input_shape[1:]) <= 64 if cfg.small_input is None else cfg.small_input
+    small = auto_small_input(input_shape, cfg)
     backbone = ShuffleNetV2Backbone(torchvision.models.shufflenet_v2_x1_0(weights=None), input_shape[0], small)
     load_weights(backbone, cfg, "shufflenet_v2_x1_0")
     return backbone
@@ -424,10 +434,10 @@ class TimmBackbone(nn.Module):
         self.dense = dense
         self.output = "map" if dense else "vector"
         try:
-            prefixes, kind = find_stages(net)
+            groups, kind = find_stage_groups(net)
         except ValueError:  # no known stage layout: target_modules must then name modules
-            prefixes, kind = [], "any"
-        self.mola_stages = [f"net.{p}" for p in prefixes]
+            groups, kind = [], "any"
+        self.mola_stages = [[f"net.{p}" for p in g] for g in groups]
         self.mola_stage_modules = kind
 
     def forward(self, x: Tensor) -> Tensor:
@@ -470,6 +480,7 @@ def _timm_offline_message(model: str, err: Exception) -> str:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return (f"timm pretrained weights for {model!r}: model.safetensors of the Hugging Face repo {repo} is not in "
             f"the cache {constants.HF_HUB_CACHE} and could not be downloaded ({first}); on a machine with network "
-            f"run `huggingface-cli download {repo}` and copy its cache folder models--{repo.replace('/', '--')} "
+            f"run `python -c \"from huggingface_hub import snapshot_download; snapshot_download('{repo}')\"` (any "
+            f"huggingface_hub version) and copy its cache folder models--{repo.replace('/', '--')} "
             "into that cache (HF_HOME sets its root; HF_HUB_OFFLINE=1 reads it without network), or set "
             "model.backbone.weights to a local state-dict file")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from mola.config_utils import from_dict
 from mola.inject import MoLAConfig
+from mola.inject.model import trainable_parameters_line
 from mola.layers.routing import check_task_ids, task_groups
 from mola.models.backbones import MLP, BackboneConfig, SmallViT
 from mola.models.heads import DenseHead, make_head
@@ -34,6 +35,9 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)  # options of the architecture (see its Options)
     head: Literal["auto", "pspnet"] = "auto"  # dense-task heads: auto (small conv decoder) or pspnet (PSPNet)
     head_hidden: int = 128  # hidden channels of the dense (segmentation/depth/normal) heads (PSPNet: 512)
+    #: train only what the arch adds (MoLA adapters, router, lift; heads; towers...): the backbone's own weights
+    #: are frozen (requires_grad False), as peft does
+    freeze_backbone: bool = False
 
 
 def task_rows(task_ids: Tensor, num_tasks: int) -> dict[int, Tensor]:
@@ -182,6 +186,15 @@ class MultiTaskModel(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         return [p for g, ps in self.parameter_groups().items() if g not in self.task_specific_groups
                 for p in ps if p.requires_grad]
+
+    def freeze_backbone(self) -> None:
+        """Stop training the backbone's own weights (group ``backbone``); adapters, router and heads still train."""
+        for p in self.parameter_groups().get("backbone", []):
+            p.requires_grad_(False)
+
+    def print_trainable_parameters(self) -> None:
+        """Print trainable and total parameter counts (peft's method of the same name)."""
+        print(trainable_parameters_line(self))
 
     def task_parameters(self) -> list[nn.Parameter]:
         return [p for g, ps in self.parameter_groups().items() if g in self.task_specific_groups

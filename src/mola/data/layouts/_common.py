@@ -199,11 +199,13 @@ def class_labels(y: np.ndarray, where: str) -> np.ndarray:
     return out
 
 
-def verify_image_files(paths: Sequence[str | Path]) -> None:
+def read_image_headers(paths: Sequence[str | Path]) -> list[tuple[str, tuple[int, int]]]:
     """Open every image file's header and run PIL's ``verify`` (no full decode): a truncated, corrupt or
-    decompression-bomb file is a ValueError naming it when the layout is read, not in epoch 3."""
+    decompression-bomb file is a ValueError naming it when the layout is read, not in epoch 3. Returns each
+    file's PIL mode and (width, height), for the channel and size rules and the dry-run summary."""
     from PIL import Image, UnidentifiedImageError
 
+    out = []
     for p in paths:
         try:
             with Image.open(p) as im:
@@ -211,9 +213,16 @@ def verify_image_files(paths: Sequence[str | Path]) -> None:
                 if w * h > (Image.MAX_IMAGE_PIXELS or float("inf")):
                     raise ValueError(f"{w}x{h} pixels, above the decompression-bomb limit of "
                                      f"{Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS)")
+                out.append((im.mode, (w, h)))
                 im.verify()
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"cannot read image file {str(p)!r}: {e}") from e
+    return out
+
+
+def verify_image_files(paths: Sequence[str | Path]) -> None:
+    """``read_image_headers`` without its result: every file is checked when the layout is read."""
+    read_image_headers(paths)
 
 
 # ------------------------------------------------------------------------------------------- datasets

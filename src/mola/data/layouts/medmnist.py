@@ -56,6 +56,34 @@ LAYOUT = tree(
 )
 
 
+_ORGANS = ("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver", "lung-left",
+           "lung-right", "pancreas", "spleen")
+KNOWN_LABELS: dict[str, tuple[str, ...]] = {
+    "pathmnist": ("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
+                  "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"),
+    "dermamnist": ("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
+                   "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
+                   "vascular lesions"),
+    "octmnist": ("choroidal neovascularization", "diabetic macular edema", "drusen", "normal"),
+    "pneumoniamnist": ("normal", "pneumonia"),
+    "retinamnist": ("grade 0", "grade 1", "grade 2", "grade 3", "grade 4"),
+    "breastmnist": ("malignant", "normal, benign"),
+    "bloodmnist": ("basophil", "eosinophil", "erythroblast", "immature granulocytes", "lymphocyte", "monocyte",
+                   "neutrophil", "platelet"),
+    "tissuemnist": ("collecting duct, connecting tubule", "distal convoluted tubule", "glomerular endothelial cells",
+                    "interstitial endothelial cells", "leukocytes", "podocytes", "proximal tubule segments",
+                    "thick ascending limb"),
+    "organamnist": _ORGANS, "organcmnist": _ORGANS, "organsmnist": _ORGANS,
+}
+"""Class names of the official MedMNIST v2 label tables (medmnist/info.py), by file stem prefix."""
+
+
+def known_labels(stem: str, num_classes: int) -> list[str] | None:
+    """The official class names of a MedMNIST file stem, when it is a known subset with that many classes."""
+    names = next((n for k, n in KNOWN_LABELS.items() if stem.lower().startswith(k)), None)
+    return list(names) if names is not None and len(names) == num_classes else None
+
+
 def short_name(stem: str) -> str:
     """``retinamnist`` -> ``retina``; stems without ``mnist`` are kept."""
     i = stem.lower().find("mnist")
@@ -184,8 +212,11 @@ def build_medmnist(cfg: DataConfig) -> Scenario:
         "medmnist", infos, ds, (channels, size, size),
         notes="; ".join(
             [f"MedMNIST tasks from {str(root)!r}: {', '.join(stems)}; pixels /255 then (x-0.5)/0.5; "
-             f"{channels} channel(s)"] + notes
+             f"{channels} channel(s) (gray replicated, RGB to luminance as needed); {hw[0]}x{hw[1]} images"
+             + (f", resized to {size}x{size}" if tf is not None else ", not resized")] + notes
         ),
-        extra={"files": {n: str(found[s]) for n, s in zip(names, stems, strict=True)}, "root": str(root)},
+        extra={"files": {n: str(found[s]) for n, s in zip(names, stems, strict=True)}, "root": str(root),
+               "classes": {i.name: known_labels(s, i.num_classes or 0) or [str(c) for c in range(i.num_classes or 0)]
+                           for i, s in zip(infos, stems, strict=True)}},
         preprocessing=ImagePreprocessing.normalized((channels, size, size), 0.5, 0.5),
     )
