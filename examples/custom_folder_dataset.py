@@ -44,7 +44,9 @@ def draw_shape(shape: str, domain: str, size: int, rng: np.random.Generator) -> 
         img = Image.new("RGB", (big, big), "white")
         style = {"outline": "black", "width": 4}
     else:
-        bg = tuple(int(v) for v in rng.integers(0, 256, 3))
+        # a dark or a light background and the inverse fill: at least 75 levels apart in every channel (a mid-gray
+        # background and its inverse would hide the shape)
+        bg = tuple(int(v) for v in (rng.integers(0, 91, 3) if rng.random() < 0.5 else rng.integers(165, 256, 3)))
         img = Image.new("RGB", (big, big), bg)
         style = {"fill": tuple(255 - v for v in bg)}
     d = ImageDraw.Draw(img)

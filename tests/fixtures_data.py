@@ -35,6 +35,28 @@ def make_image_tree(root: Path, groups: dict[str, dict[str, int]], seed: int = 0
     return root
 
 
+COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+
+
+def make_task_folders(root: Path, n: int = 6, seed: int = 0) -> Path:
+    """Three tasks in the ``tasks`` layout: ``colors`` (RGB, the class is the colour: gray would lose it),
+    ``shapes`` (RGB, its own train/val/test folders) and ``xray`` (gray, another image size)."""
+    rng = np.random.default_rng(seed)
+    for c, rgb in COLOURS.items():
+        for i in range(n):
+            px = np.clip(np.array(rgb) + rng.integers(-20, 21, (12, 12, 3)), 0, 255).astype(np.uint8)
+            (root / "colors" / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(px, "RGB").save(root / "colors" / c / f"{i:03d}.png")
+    for split, k in (("train", n), ("val", 2), ("test", 2)):
+        for c in ("circle", "square"):
+            for i in range(k):
+                write_png(root / "shapes" / split / c / f"{i:03d}.png", rng, size=(12, 12))
+    for c in ("normal", "opaque"):
+        for i in range(n):
+            write_png(root / "xray" / c / f"{i:03d}.png", rng, size=(16, 16), mode="L")
+    return root
+
+
 def truncate(path: Path, keep: int = 40) -> None:
     """Cut a file down to its first ``keep`` bytes (a corrupt file)."""
     data = path.read_bytes()

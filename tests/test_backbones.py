@@ -131,3 +131,31 @@ def test_timm_name_without_timm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "timm", None)
     with pytest.raises(ValueError, match="timm"):
         build_backbone(BackboneConfig(name="timm:resnet18"), (3, 32, 32), False)
+
+
+@pytest.mark.parametrize(("attrs", "pattern"), [
+    ({}, r"backbone 'toy' built a Toy without a positive int `out_dim` \(got None\): set self\.out_dim"),
+    ({"out_dim": 0}, r"without a positive int `out_dim` \(got 0\)"),
+    ({"out_dim": 4, "mola_stages": ["body", "nope"]}, r"`mola_stages` names no submodule: \['nope'\]"),
+    ({"out_dim": 4, "fixed_input_size": "yes"}, r"`fixed_input_size` is 'yes', not a bool"),
+])
+def test_registered_backbone_is_checked_against_the_protocol(attrs: dict, pattern: str) -> None:
+    """A builder registered in a BackboneRegistry has what it builds checked: a missing or bad attribute of the
+    Backbone protocol is a TypeError naming the backbone and the attribute; a conforming one passes."""
+    from mola.models.backbones import Backbone, BackboneRegistry
+
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(3, 4)
+            for k, v in attrs.items():
+                setattr(self, k, v)
+
+    reg = BackboneRegistry("backbone")
+    reg.register("toy")(lambda shape, cfg, dense: Toy())
+    with pytest.raises(TypeError, match=pattern):
+        reg.get("toy")((3,), BackboneConfig(name="toy"), False)
+    attrs.clear()
+    attrs.update(out_dim=4, mola_stages=["body"])
+    net = reg.get("toy")((3,), BackboneConfig(name="toy"), False)
+    assert isinstance(net, Backbone) and net.out_dim == 4

@@ -3,10 +3,7 @@ and where it was found (error type + message asserted for each case)."""
 
 from __future__ import annotations
 
-import math
-import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,39 +13,17 @@ import torch
 from safetensors.torch import save_file
 
 from fixtures_data import make_image_tree, make_npz, make_office, truncate
+from fixtures_toy import FEATURES, Case, NaNAfter, run_case, tiny_cfg, toy_scenario, train_toy
 from mola.data import ArrayMultiTargetDataset, ArrayTaskDataset, DataConfig, Scenario, TaskInfo, build_scenario
 from mola.data.base import ALL_TASKS
 from mola.data.validate import validate_scenario
-from mola.engine import NonFiniteLossError, RunConfig, Trainer, load_config
+from mola.engine import NonFiniteLossError, Trainer, load_config
 from mola.engine.checkpoint import checkpoint_path, load_checkpoint, load_latest, save_checkpoint
 from mola.engine.setup import validate_names
 from mola.models import build_model
 
-FEATURES = 6
-
 
 # -- helpers ------------------------------------------------------------------------------------------------------
-def scenario(n: tuple[int, int, int] = (16, 8, 8), *, task_ids: Any = None, labels: Any = None,
-             num_classes: int = 3, kind: str = "multi_input", transform: Any = None) -> Scenario:
-    """Two tasks, FEATURES-d vector inputs; ``task_ids``/``labels`` replace the train split's."""
-    g = torch.Generator().manual_seed(0)
-
-    def ds(k: int, tid: Any = None, lab: Any = None, tf: Any = None) -> ArrayTaskDataset:
-        t = np.arange(k) % 2 if tid is None else tid
-        y = torch.arange(k) % num_classes if lab is None else lab
-        return ArrayTaskDataset(torch.randn(k, FEATURES, generator=g), torch.as_tensor(y), t, tf)
-
-    tasks = [TaskInfo("t0", num_classes=num_classes), TaskInfo("t1", num_classes=num_classes)]
-    return Scenario("toy", kind, tasks, ds(n[0], task_ids, labels, transform), ds(n[1]), ds(n[2]), (FEATURES,),
-                    shared_head=kind == "domain")
-
-
-def tiny_cfg(*over: str) -> RunConfig:
-    return load_config(None, ["model.backbone.name=mlp", "model.backbone.width=1", "data.batch_size=4",
-                              "train.epochs=1", "train.progress=false", "train.tensorboard=false",
-                              "train.device=cpu", "optim.lr=0.01", *over])
-
-
 def names_of(*over: str, **short: str) -> None:
     validate_names(load_config(None, list(over), **short))
 
@@ -57,7 +32,7 @@ def names_of(*over: str, **short: str) -> None:
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 1-epoch run (in-memory data) with best/last checkpoints."""
     d = tmp_path_factory.mktemp("bad") / "run"
-    Trainer(tiny_cfg("model.mola.rank=2"), d, scenario=scenario()).fit()
+    Trainer(tiny_cfg("model.mola.rank=2"), d, scenario=toy_scenario()).fit()
     return d
 
 
@@ -65,17 +40,6 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "run"
     shutil.copytree(run, dst)
     return dst
-
-
-class NaNAfter:
-    """A transform that returns NaN inputs for calls ``start <= call < stop`` (a batch going bad mid-run)."""
-
-    def __init__(self, start: int, stop: int = 10**9) -> None:
-        self.calls, self.start, self.stop = 0, start, stop
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return torch.full_like(x, math.nan) if self.start < self.calls <= self.stop else x
 
 
 # -- case functions needing files ----------------------------------------------------------------------------------
@@ -114,15 +78,9 @@ def office_without_features(tmp_path: Path) -> None:
     build_scenario(DataConfig(kind="office_caltech10", root=str(tmp_path / "oc"), feature="surf"))
 
 
-def train_with(tmp_path: Path, sc: Scenario, *over: str) -> Trainer:
-    t = Trainer(tiny_cfg(*over), tmp_path / "r", scenario=sc)
-    t.fit()
-    return t
-
-
 def forward(model_kind: str, x: Any, t: Any) -> None:
     if model_kind == "vector":
-        model = build_model(scenario(), tiny_cfg().model)
+        model = build_model(toy_scenario(), tiny_cfg().model)
     else:
         shape = (1, 8, 8)
         sc = Scenario("img", "multi_input", [TaskInfo(f"t{i}", num_classes=2) for i in range(3)],
@@ -134,7 +92,7 @@ def forward(model_kind: str, x: Any, t: Any) -> None:
 
 
 def resume_changed(run: Path, tmp_path: Path, *over: str) -> None:
-    Trainer(tiny_cfg("model.mola.rank=2", *over), copy_run(run, tmp_path), scenario=scenario()).resume()
+    Trainer(tiny_cfg("model.mola.rank=2", *over), copy_run(run, tmp_path), scenario=toy_scenario()).resume()
 
 
 def flip_byte(run: Path, tmp_path: Path, where: float) -> None:
@@ -166,12 +124,12 @@ def model_tensors_do_not_fit(run: Path) -> None:
     ckpt = load_checkpoint(checkpoint_path(run, "best"))
     key = next(iter(ckpt["model"]))
     ckpt["model"].pop(key)
-    Trainer(tiny_cfg("model.mola.rank=2"), run, scenario=scenario()).load_state(ckpt, training=False)
+    Trainer(tiny_cfg("model.mola.rank=2"), run, scenario=toy_scenario()).load_state(ckpt, training=False)
 
 
 def both_corrupt(run: Path, tmp_path: Path) -> None:
     d = copy_run(run, tmp_path)
-    t = Trainer(tiny_cfg("model.mola.rank=2"), d, scenario=scenario())
+    t = Trainer(tiny_cfg("model.mola.rank=2"), d, scenario=toy_scenario())
     t.save("last")  # the first last becomes last.prev
     for p in (d / "checkpoints").glob("last*.safetensors"):
         truncate(p, keep=64)
@@ -188,8 +146,6 @@ def cli_eval_corrupt(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 # -- the matrix ----------------------------------------------------------------------------------------------------
-Case = tuple[str, Callable[..., None], type[BaseException], str]
-
 CASES: list[Case] = [
     # names and config keys (did-you-mean)
     ("unknown data kind", lambda: names_of("data.kind=medmist"), ValueError,
@@ -226,26 +182,26 @@ CASES: list[Case] = [
     ("config not YAML", lambda tmp_path: bad_config_file(tmp_path, "train: {epochs: [1\n"), ValueError,
      r"c\.yaml is not valid YAML"),
     ("checkpoint_every_steps 0", lambda tmp_path: Trainer(tiny_cfg("train.checkpoint_every_steps=0"), tmp_path,
-                                                          scenario=scenario()), ValueError,
+                                                          scenario=toy_scenario()), ValueError,
      r"train\.checkpoint_every_steps must be >= 1 \(or null\), got 0"),
     # task ids and labels in datasets (checked when the scenario is built)
-    ("task id off by one", lambda: validate_scenario(scenario(task_ids=np.arange(16) % 2 + 1)), ValueError,
+    ("task id off by one", lambda: validate_scenario(toy_scenario(task_ids=np.arange(16) % 2 + 1)), ValueError,
      r"train split of scenario 'toy': task id 2 at index 1 is out of range \[0, 2\) for the 2 task\(s\) t0, t1"),
-    ("negative task id", lambda: validate_scenario(scenario(task_ids=np.r_[0, 1, 0, -1, np.zeros(12, int)])),
+    ("negative task id", lambda: validate_scenario(toy_scenario(task_ids=np.r_[0, 1, 0, -1, np.zeros(12, int)])),
      ValueError, r"task id -1 at index 3 is out of range \[0, 2\)"),
-    ("fractional task ids", lambda: scenario(task_ids=np.r_[0, 1, 0.5, np.zeros(13)]), ValueError,
+    ("fractional task ids", lambda: toy_scenario(task_ids=np.r_[0, 1, 0.5, np.zeros(13)]), ValueError,
      r"task ids must be integers, got 0\.5 at index 2 \(dtype float64\)"),
-    ("boolean task ids", lambda: scenario(task_ids=np.arange(16) % 2 == 1), ValueError,
+    ("boolean task ids", lambda: toy_scenario(task_ids=np.arange(16) % 2 == 1), ValueError,
      r"task ids must be integers, got dtype bool"),
-    ("fractional labels", lambda: scenario(labels=np.r_[np.zeros(3), 1.25, np.zeros(12)]), ValueError,
+    ("fractional labels", lambda: toy_scenario(labels=np.r_[np.zeros(3), 1.25, np.zeros(12)]), ValueError,
      r"labels must be integers, got 1\.25 at index 3"),
-    ("label out of range", lambda: validate_scenario(scenario(labels=np.r_[0, 1, 2, 1, 7, np.zeros(11, int)])),
+    ("label out of range", lambda: validate_scenario(toy_scenario(labels=np.r_[0, 1, 2, 1, 7, np.zeros(11, int)])),
      ValueError, r"train split of scenario 'toy': label 7 at index 4 is out of range for task 't0' "
                  r"\(3 classes: labels 0\.\.2\)"),
-    ("negative label", lambda: validate_scenario(scenario(labels=np.r_[0, -2, np.zeros(14, int)])), ValueError,
+    ("negative label", lambda: validate_scenario(toy_scenario(labels=np.r_[0, -2, np.zeros(14, int)])), ValueError,
      r"label -2 at index 1 is out of range for task 't1'"),
     ("domain label vs shared head", lambda: validate_scenario(
-        scenario(kind="domain", labels=np.r_[np.zeros(15, int), 3])), ValueError,
+        toy_scenario(kind="domain", labels=np.r_[np.zeros(15, int), 3])), ValueError,
      r"label 3 at index 15 is out of range for task 't1' \(3 classes"),
     ("segmentation target out of range", lambda: validate_scenario(Scenario(
         "seg", "single_input", [TaskInfo("seg", "segmentation", 4)],
@@ -258,11 +214,11 @@ CASES: list[Case] = [
         ArrayTaskDataset(torch.zeros(2, 3), torch.zeros(2), np.array([ALL_TASKS, 0])),
         *(ArrayMultiTargetDataset(torch.zeros(2, 3), {"a": torch.zeros(2)}) for _ in range(2)),
         input_shape=(3,))), ValueError, r"single-input samples carry task id -1 .*sample 1 has task id 0"),
-    ("empty train split", lambda: validate_scenario(scenario((0, 8, 8))), ValueError,
+    ("empty train split", lambda: validate_scenario(toy_scenario((0, 8, 8))), ValueError,
      r"train split of scenario 'toy' is empty; check data\.root"),
-    ("empty val split", lambda tmp_path: Trainer(tiny_cfg(), tmp_path, scenario=scenario((16, 0, 8))), ValueError,
+    ("empty val split", lambda tmp_path: Trainer(tiny_cfg(), tmp_path, scenario=toy_scenario((16, 0, 8))), ValueError,
      r"val split of scenario 'toy' is empty"),
-    ("task without training data", lambda: validate_scenario(scenario(task_ids=np.zeros(16, int))), ValueError,
+    ("task without training data", lambda: validate_scenario(toy_scenario(task_ids=np.zeros(16, int))), ValueError,
      r"train split of scenario 'toy': task\(s\) 't1' have no training samples"),
     # on-disk layouts
     ("data root missing", lambda tmp_path: build_scenario(DataConfig(kind="folder", root=str(tmp_path / "nope"))),
@@ -316,26 +272,18 @@ CASES: list[Case] = [
     ("mola eval of a corrupt checkpoint", cli_eval_corrupt, ValueError,
      r"^mola: error: checkpoint .*best\.safetensors is corrupt or truncated"),
     # non-finite losses
-    ("NaN loss stops the run", lambda tmp_path: train_with(
-        tmp_path, scenario(transform=NaNAfter(8)), "train.checkpoint_every_steps=1"), NonFiniteLossError,
+    ("NaN loss stops the run", lambda tmp_path: train_toy(
+        tmp_path, toy_scenario(train_tf=NaNAfter(8)), "train.checkpoint_every_steps=1"), NonFiniteLossError,
      r"non-finite loss at epoch 0 step 2 \(batch 2\) for task\(s\) .*t1.*; last good checkpoint: "
      r".*last\.safetensors \(resume from it"),
-    ("NaN loss before any checkpoint", lambda tmp_path: train_with(tmp_path, scenario(transform=NaNAfter(0))),
+    ("NaN loss before any checkpoint", lambda tmp_path: train_toy(tmp_path, toy_scenario(train_tf=NaNAfter(0))),
      NonFiniteLossError, r"non-finite loss at epoch 0 step 0 \(batch 0\) .*last good checkpoint: none"),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(case: Case, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    _, fn, err_type, pattern = case
-    wanted = fn.__code__.co_varnames[:fn.__code__.co_argcount]
-    kwargs = {"tmp_path": tmp_path} if "tmp_path" in wanted else {}
-    for name in ("run", "capsys"):
-        if name in wanted:
-            kwargs[name] = request.getfixturevalue(name)
-    with pytest.raises(err_type) as info:
-        fn(**kwargs)
-    assert re.search(pattern, str(info.value), re.S), f"{info.value!s}\n  does not match\n{pattern}"
+    run_case(case, request, tmp_path)
 
 
 def test_matrix_is_large_enough() -> None:
@@ -345,7 +293,7 @@ def test_matrix_is_large_enough() -> None:
 def test_nonfinite_skip_skips_only_the_bad_step(tmp_path: Path) -> None:
     """on_nonfinite=skip: the one NaN batch (batch 1) is skipped with a warning; the run finishes, finite."""
     with pytest.warns(RuntimeWarning, match=r"skipped step 1 \(epoch 0, batch 1\): non-finite loss"):
-        t = train_with(tmp_path, scenario(transform=NaNAfter(4, 8)), "train.on_nonfinite=skip")
+        t = train_toy(tmp_path, toy_scenario(train_tf=NaNAfter(4, 8)), "train.on_nonfinite=skip")
     assert t.skipped_steps == 1 and t.step == 4
     assert all(torch.isfinite(v).all() for v in t.model.state_dict().values() if v.is_floating_point())
 

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,33 +19,20 @@ from PIL import Image
 from safetensors.torch import save as st_save
 
 from fixtures_data import make_image_tree, make_npz, make_nyuv2, truncate, write_png
+from fixtures_toy import Case, NaNAfter, run_case, tiny_cfg, toy_scenario, train_toy
 from mola.cli.main import _one_line, main
-from mola.data import ArrayTaskDataset, DataConfig, Scenario, TaskInfo, build_scenario
-from mola.data.layouts._common import pixels_to_unit, verify_image_files
-from mola.data.layouts.digits import read_digit_csv
+from mola.data import DataConfig, Scenario, build_scenario
+from mola.data.layouts._common import pixels_to_unit, read_digit_csv, verify_image_files
 from mola.data.transforms import ImageFileTransform
-from mola.engine import NonFiniteLossError, RunConfig, Trainer, load_config
+from mola.engine import NonFiniteLossError, Trainer, load_config
 from mola.engine.checkpoint import FORMAT, VERSION, _digest, checkpoint_path, load_checkpoint
 from mola.engine.trainer import NonFiniteMetricError, resolve_device
 from mola.inject import MoLAConfig, inject
 from mola.models.backbones import BackboneConfig, build_backbone
 from mola.task_inference import TaskCentroids
 
-FEATURES = 6
-
 
 # -- helpers ------------------------------------------------------------------------------------------------------
-class NaNAfter:
-    """A transform that returns NaN inputs for calls ``start < call <= stop``."""
-
-    def __init__(self, start: int, stop: int = 10**9) -> None:
-        self.calls, self.start, self.stop = 0, start, stop
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return torch.full_like(x, math.nan) if self.start < self.calls <= self.stop else x
-
-
 class NaNForTask:
     """Val transform: NaN inputs for the samples of one task (its val loss becomes NaN)."""
 
@@ -57,29 +43,6 @@ class NaNForTask:
         t = self.ids[self.i % len(self.ids)]
         self.i += 1
         return torch.full_like(x, math.nan) if t == self.task else x
-
-
-def scenario(train_tf: Any = None, val_tf: Any = None, n: int = 16) -> Scenario:
-    g = torch.Generator().manual_seed(0)
-
-    def ds(k: int, tf: Any = None) -> ArrayTaskDataset:
-        t = np.arange(k) % 2
-        return ArrayTaskDataset(torch.randn(k, FEATURES, generator=g), torch.arange(k) % 3, t, tf)
-
-    return Scenario("toy", "multi_input", [TaskInfo("t0", num_classes=3), TaskInfo("t1", num_classes=3)],
-                    ds(n, train_tf), ds(8, val_tf), ds(8), (FEATURES,))
-
-
-def tiny_cfg(*over: str) -> RunConfig:
-    return load_config(None, ["model.backbone.name=mlp", "model.backbone.width=1", "data.batch_size=4",
-                              "train.epochs=1", "train.progress=false", "train.tensorboard=false",
-                              "train.device=cpu", "optim.lr=0.01", *over])
-
-
-def train(tmp_path: Path, sc: Scenario, *over: str) -> Trainer:
-    t = Trainer(tiny_cfg(*over), tmp_path / "r", scenario=sc)
-    t.fit()
-    return t
 
 
 def med_root(tmp_path: Path, **kw: Any) -> Path:
@@ -117,13 +80,13 @@ def yaml_file(tmp_path: Path, text: str) -> None:
 
 
 def twd_nan(tmp_path: Path) -> None:
-    t = Trainer(tiny_cfg("model.mola.mode=router"), tmp_path / "r", scenario=scenario())
+    t = Trainer(tiny_cfg("model.mola.mode=router"), tmp_path / "r", scenario=toy_scenario())
     t.model.extra_loss = lambda gather=None: torch.tensor(math.nan, requires_grad=True)  # type: ignore[method-assign]
     t.fit()
 
 
 def nan_weights_not_saved(tmp_path: Path) -> None:
-    t = Trainer(tiny_cfg(), tmp_path / "r", scenario=scenario())
+    t = Trainer(tiny_cfg(), tmp_path / "r", scenario=toy_scenario())
     with torch.no_grad():
         next(t.model.parameters()).fill_(math.nan)
     try:
@@ -173,9 +136,10 @@ def adapter_bit_flip(tmp_path: Path) -> None:
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str, code: int) -> None:
-    """Run the CLI; assert the exit code and that stderr is one line; raise it as a ValueError to match."""
+    """Run the CLI; assert the exit code and that stderr is one line (besides the per-epoch progress lines);
+    raise it as a ValueError to match."""
     assert main(list(argv)) == code
-    err = capsys.readouterr().err.strip()
+    err = "\n".join(ln for ln in capsys.readouterr().err.strip().splitlines() if not re.match(r"epoch \d+/\d+: ", ln))
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     raise ValueError(err)
 
@@ -277,7 +241,6 @@ def worker_error(tmp_path: Path) -> None:
 
 
 # -- the matrix ----------------------------------------------------------------------------------------------------
-Case = tuple[str, Callable[..., None], type[BaseException], str]
 FINITE = r"must be a finite number, got (nan|inf)"
 
 CASES: list[Case] = [
@@ -324,9 +287,10 @@ CASES: list[Case] = [
      r"non-finite loss at epoch 0 step 0 \(batch 0\) for task\(s\) twd \(the architecture's extra loss\)"),
     ("NaN weights are not checkpointed", nan_weights_not_saved, NonFiniteLossError,
      r"model weights became non-finite at epoch 0 step 0 .*not writing them as a checkpoint"),
-    ("NaN validation metric", lambda tmp_path: train(tmp_path, scenario(val_tf=NaNAfter(0))), NonFiniteMetricError,
+    ("NaN validation metric", lambda tmp_path: train_toy(tmp_path, toy_scenario(val_tf=NaNAfter(0))),
+     NonFiniteMetricError,
      r"non-finite validation metric at epoch 0 \(split val\): task 't0': val loss = nan; task 't1'"),
-    ("N consecutive skips stop", lambda tmp_path: train(tmp_path, scenario(train_tf=NaNAfter(4)),
+    ("N consecutive skips stop", lambda tmp_path: train_toy(tmp_path, toy_scenario(train_tf=NaNAfter(4)),
                                                         "train.on_nonfinite=skip", "train.max_consecutive_skips=2"),
      NonFiniteLossError, r"non-finite loss at epoch 0 step 2 \(batch 2\).*2 steps in a row were non-finite "
                          r"\(train\.max_consecutive_skips=2\)"),
@@ -380,18 +344,19 @@ CASES: list[Case] = [
     ("checkpoint state not a mapping", lambda tmp_path: crafted_checkpoint(tmp_path, "[1, 2]"), ValueError,
      r"c\.safetensors is not a mola checkpoint \(its state is a list"),
     # errors raised before long work
-    ("select_metric f1", lambda tmp_path: Trainer(tiny_cfg("train.select_metric=f1"), tmp_path, scenario=scenario()),
+    ("select_metric f1",
+     lambda tmp_path: Trainer(tiny_cfg("train.select_metric=f1"), tmp_path, scenario=toy_scenario()),
      ValueError, r"train\.select_metric 'f1' is not reported by any task of this scenario; valid: acc, auc, loss"),
     ("single_task_results missing", lambda tmp_path: Trainer(
-        tiny_cfg(f"train.single_task_results={tmp_path / 'missing.json'}"), tmp_path, scenario=scenario()),
+        tiny_cfg(f"train.single_task_results={tmp_path / 'missing.json'}"), tmp_path, scenario=toy_scenario()),
      FileNotFoundError, r"train\.single_task_results: file not found: .*missing\.json"),
     ("device tpu9", lambda: resolve_device("tpu9"), ValueError, r"train\.device 'tpu9' is not a device name"),
     ("device cuda:99", lambda: resolve_device("cuda:99"), ValueError,
      r"train\.device 'cuda:99': (no CUDA GPU is available|this machine has \d+ CUDA GPU)"),
     # the command line: one line, no traceback
     ("Ctrl-C in train", train_interrupted, ValueError,
-     r"^mola: interrupted \(Ctrl-C\); last checkpoint: .*run/checkpoints/last\.safetensors; continue with the "
-     r"same command plus --resume \(mola train \.\.\. --out .*run --resume\)$"),
+     r"^mola: interrupted \(Ctrl-C\); last checkpoint: .*run/checkpoints/last\.safetensors; continue with: "
+     r"mola train --config \S+\.yaml --out \S+/run --resume$"),
     ("Ctrl-C in eval", eval_interrupted, ValueError, r"^mola: interrupted \(Ctrl-C\); nothing was written$"),
     ("disk full", disk_full, ValueError, r"^mola: error: \[Errno 28\] No space left on device: '.*best\.safetensors'"),
     ("--out is a file", out_is_a_file, ValueError, r"^mola: error: run directory \(--out\) .*/f is a file"),
@@ -409,17 +374,7 @@ CASES: list[Case] = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_value(case: Case, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    _, fn, err_type, pattern = case
-    wanted = fn.__code__.co_varnames[:fn.__code__.co_argcount]
-    kwargs = {"tmp_path": tmp_path} if "tmp_path" in wanted else {}
-    for name in ("capsys", "monkeypatch"):
-        if name in wanted:
-            kwargs[name] = request.getfixturevalue(name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(err_type) as info:
-            fn(**kwargs)
-    assert re.search(pattern, str(info.value), re.S), f"{info.value!s}\n  does not match\n{pattern}"
+    run_case(case, request, tmp_path, quiet=True)
 
 
 # -- conversions and warnings (the value is asserted) -----------------------------------------------------------------
@@ -485,20 +440,20 @@ def test_num_experts_limit_can_be_lifted() -> None:
     assert m.num_parameters()["adapters"] == 200 * 1 * 16
 
 
-def test_nan_metric_of_one_task_dropped_with_option(tmp_path: Path) -> None:
+def test_nan_metric_of_one_task_dropped_with_option(tmp_path: Path, toy_scenario: Callable[..., Scenario]) -> None:
     """on_nonfinite_metric=drop: the NaN task leaves the selection score (warning), the other task selects."""
-    sc = scenario()
+    sc = toy_scenario()
     sc.val.transform = NaNForTask(sc.val.task_ids, task=1)
     with pytest.warns(RuntimeWarning, match=r"epoch 0: leaving task\(s\) 't1' out of the selection score"):
-        t = train(tmp_path, sc, "train.on_nonfinite_metric=drop")
+        t = train_toy(tmp_path, sc, "train.on_nonfinite_metric=drop")
     row = t.history[0]
     assert row["select_score"] == row["val/t0/acc"] and math.isnan(row["val/t1/loss"])
     assert t.best_epoch == 0
 
 
-def test_best_on_val_follows_finite_scores_only(tmp_path: Path) -> None:
+def test_best_on_val_follows_finite_scores_only(tmp_path: Path, toy_scenario: Callable[..., Scenario]) -> None:
     """select_score never returns NaN: the old 'a NaN score still gives a best' path is gone."""
-    t = Trainer(tiny_cfg(), tmp_path / "r", scenario=scenario())
+    t = Trainer(tiny_cfg(), tmp_path / "r", scenario=toy_scenario())
     good = {"t0": {"acc": 0.5, "loss": 1.0}, "t1": {"acc": 0.25, "loss": 1.0}}
     assert t.select_score(good) == 0.375
     with pytest.raises(NonFiniteMetricError, match=r"epoch 7 \(split val\): task 't1': val acc = inf"):

@@ -10,7 +10,7 @@ import torch
 
 from fixtures_data import make_digits, shared_dir, truncate
 from mola.data import ALL_TASKS, DataConfig, build_scenario
-from mola.data.layouts.digits import read_idx
+from mola.data.layouts._common import read_idx
 
 
 def cfg(root, kind="digits", **kw) -> DataConfig:

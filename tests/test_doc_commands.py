@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_data import make_image_tree
+from fixtures_data import make_image_tree, make_task_folders
 from mola.cli.main import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +66,7 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (work / "configs").symlink_to(REPO / "configs")
     (root / "shared").symlink_to(REPO.parent / "shared")
     make_image_tree(root / "folder_data", {"d0": {"a": 3, "b": 3}, "d1": {"a": 3, "b": 3}})
+    make_task_folders(work / "my_tasks")  # the quick start's own multi-task folder
     return work
 
 

@@ -163,3 +163,14 @@ def test_field_help_sources() -> None:
 
     assert reference.field_help(Example) == {"a": "trailing comment", "b": "comment line above",
                                              "c": "attribute docstring", "d": "from metadata", "e": ""}
+
+
+def test_docstrings_cite_docs_pages_that_exist() -> None:
+    """Every ``docs/<page>.md`` a module of src/mola cites exists in this repository (and none cites a file
+    outside it, such as the design notes' method.md)."""
+    src = REPO / "src" / "mola"
+    cited = {m for f in src.rglob("*.py") for m in re.findall(r"docs/[\w/.-]+?\.md", f.read_text())}
+    assert cited, "no docs/ citation found"
+    missing = sorted(c for c in cited if not (REPO / c).is_file())
+    assert not missing, f"cited pages that do not exist: {missing}"
+    assert not [f for f in src.rglob("*.py") if "method.md" in f.read_text()]

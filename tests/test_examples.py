@@ -12,6 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
+pytestmark = pytest.mark.slow  # end-to-end: each example in a fresh process
 
 
 def run_example(name: str, args: list[str], cwd: Path) -> str:

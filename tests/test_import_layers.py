@@ -1,9 +1,10 @@
-"""The package's layers (design.md): imports point down only, and no two modules import each other.
+"""The package's layers (design.md): imports point down only, and no import cycle of any length.
 
 Every ``import``/``from ... import`` in ``src/mola`` (module level and inside functions) is read with ``ast``.
-Ranks, low to high: shared helpers < layers < models (inject, export) < methods < data < engine
-< analysis / task_inference < cli. ``mola.data.base`` (TaskInfo, Scenario: plain types) sits with the helpers,
-as models and metrics name those types. A module may import its own rank or lower.
+Ranks, low to high: shared helpers (with ``mola.tasks``: TaskInfo, Scenario, plain types that models and metrics
+name) < layers < models (inject, export) < methods < data < engine < analysis / task_inference < cli. A module
+may import its own rank or lower. Importing ``a.b.c`` runs the packages ``a`` and ``a.b`` first, so a module's
+imports include the ``__init__`` of every package above what it names; a cycle through those counts too.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 RANKS: list[tuple[str, ...]] = [
-    ("mola._version", "mola.registry", "mola.config_utils", "mola.files", "mola.data.base"),
+    ("mola._version", "mola.registry", "mola.config_utils", "mola.files", "mola.tasks"),
     ("mola.layers",),
     ("mola.inject", "mola.models", "mola.export"),
     ("mola.methods",),
@@ -72,8 +73,52 @@ def upward(g: dict[str, set[str]]) -> list[str]:
                   if m != "mola" and rank_of(d) > rank_of(m))
 
 
-def mutual(g: dict[str, set[str]]) -> list[str]:
-    return sorted(f"{a} <-> {b}" for a, deps in g.items() for b in deps if a < b and a in g.get(b, set()))
+def with_parents(g: dict[str, set[str]]) -> dict[str, set[str]]:
+    """``g`` with each import of ``mola.a.b`` also running the package ``mola.a`` (its ``__init__``), as Python
+    does; ``mola`` itself (the public face, importing everything) and a module's own packages are left out."""
+    out: dict[str, set[str]] = {}
+    for m, deps in g.items():
+        full = set(deps)
+        for d in deps:
+            parts = d.split(".")
+            full |= {".".join(parts[:i]) for i in range(2, len(parts))}
+        out[m] = {d for d in full if d in g and d != m and not m.startswith(d + ".")}
+    return out
+
+
+def cycles(g: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of ``g``: each strongly connected component of two or more modules, sorted (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(g.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(g):
+        if v not in index:
+            visit(v)
+    return sorted(found)
 
 
 def test_imports_point_down_only() -> None:
@@ -82,18 +127,26 @@ def test_imports_point_down_only() -> None:
     assert not upward(g), "lower layers import higher ones:\n" + "\n".join(upward(g))
 
 
-def test_no_two_modules_import_each_other() -> None:
-    assert not mutual(graph()), "modules importing each other:\n" + "\n".join(mutual(graph()))
+def test_no_import_cycle() -> None:
+    found = cycles(with_parents(graph()))
+    assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
 
 
 def test_the_checker_catches_an_upward_and_a_mutual_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The rules fire on a planted violation (engine importing the CLI; two modules importing each other)."""
+    """The rules fire on planted violations: engine importing the CLI; a two-module and a three-module cycle; a
+    cycle through a package ``__init__``."""
     g = graph()
     g["mola.engine.trainer"] = g["mola.engine.trainer"] | {"mola.cli.report"}
     g["mola.engine.run"] = g["mola.engine.run"] | {"mola.engine.trainer"}
     g["mola.engine.trainer"] |= {"mola.engine.run"}
     assert upward(g) == ["mola.engine.trainer -> mola.cli.report"]
-    assert mutual(g) == ["mola.engine.run <-> mola.engine.trainer"]
+    assert cycles(g) == [["mola.engine.run", "mola.engine.trainer"]]
+    three = {"a.x": {"a.y"}, "a.y": {"a.z"}, "a.z": {"a.x"}, "a.w": {"a.x"}}
+    assert cycles(three) == [["a.x", "a.y", "a.z"]]
+    via_init = {"m.p": {"m.p.q"}, "m.p.q": set(), "m.r": {"m.p.q"}, "m.p.s": {"m.r"}}  # m.p runs m.p.q: fine
+    assert cycles(with_parents(via_init)) == []
+    via_init["m.p"] = {"m.p.s"}  # m.p -> m.p.s -> m.r -> m.p.q, which runs the package m.p first
+    assert cycles(with_parents(via_init)) == [["m.p", "m.p.s", "m.r"]]
     pkg = tmp_path / "mola"
     (pkg / "layers").mkdir(parents=True)
     (pkg / "layers" / "x.py").write_text("def f():\n    from ..engine import trainer\n")

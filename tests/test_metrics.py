@@ -264,3 +264,51 @@ def test_delta_m_errors() -> None:
 def test_mean_over_tasks() -> None:
     results = {"a": {"acc": 0.5, "auc": 0.9}, "b": {"acc": 0.7}, "c": {"acc": 0.9, "auc": 0.7}}
     assert mean_over_tasks(results) == pytest.approx({"acc": 0.7, "auc": 0.8})
+
+
+@pytest.mark.parametrize("kind", ["classification", "segmentation", "depth", "normal"])
+def test_meters_merged_by_declared_state_equal_one_meter(kind: str) -> None:
+    """Two meters fed the two halves of the batches (two DDP ranks), merged by their declared states, compute
+    what one meter fed every batch computes; every accumulated attribute is a declared state."""
+    from mola.metrics import make_meter
+
+    g = torch.Generator().manual_seed(0)
+    task = TaskInfo("t", kind, num_classes=4 if kind in ("classification", "segmentation") else None)
+    batches = []
+    for _ in range(4):
+        if kind == "classification":
+            batches.append((torch.randn(6, 4, generator=g), torch.randint(0, 4, (6,), generator=g)))
+        elif kind == "segmentation":
+            batches.append((torch.randn(2, 4, 5, 5, generator=g), torch.randint(0, 4, (2, 5, 5), generator=g)))
+        elif kind == "depth":
+            batches.append((torch.rand(2, 1, 5, 5, generator=g) + 0.1, torch.rand(2, 1, 5, 5, generator=g)))
+        else:
+            batches.append((torch.randn(2, 3, 5, 5, generator=g), torch.randn(2, 3, 5, 5, generator=g)))
+    one, ranks = make_meter(task), [make_meter(task), make_meter(task)]
+    for i, (p, t) in enumerate(batches):
+        one.update(p, t)
+        ranks[i % 2].update(p, t)
+    declared = set(one.reductions())
+    assert {k for k in vars(one) if k not in ("task", "_defaults")} == declared
+    ranks[0].merge(ranks[1])
+    want, got = one.compute(), ranks[0].compute()
+    assert set(want) == set(got)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-9, nan_ok=True), k
+    ranks[0].reset()
+    assert all(not getattr(ranks[0], k) if isinstance(getattr(ranks[0], k), list) else
+               float(torch.as_tensor(getattr(ranks[0], k)).abs().sum()) == 0 for k in declared)
+
+
+def test_task_kinds_live_in_one_registry() -> None:
+    """Every task kind has a spec, a loss and a meter; an unknown kind is one clear error wherever it is used."""
+    from mola.engine.losses import LOSSES
+    from mola.metrics import make_meter
+    from mola.tasks import TASK_KINDS
+
+    assert set(TASK_KINDS) == set(LOSSES) == {"classification", "segmentation", "depth", "normal"}
+    assert [TaskInfo("t", k, num_classes=5).out_channels for k in TASK_KINDS] == [5, 5, 1, 3]
+    bad = TaskInfo("t", "bogus")  # type: ignore[arg-type]
+    for use in (lambda: bad.out_channels, lambda: make_meter(bad)):
+        with pytest.raises(ValueError, match=r"task 't' has unknown kind 'bogus'; known: classification"):
+            use()

@@ -184,7 +184,7 @@ def test_timm_pretrained_offline_error_names_repo_and_cache(monkeypatch: pytest.
     with pytest.raises(FileNotFoundError) as err:
         build_backbone(BackboneConfig(name="timm:resnet18", weights="pretrained"), (3, 32, 32), False)
     msg = str(err.value)
-    assert "\n" not in msg and "timm/resnet18.a1_in1k" in msg and "huggingface-cli download" in msg
+    assert "\n" not in msg and "timm/resnet18.a1_in1k" in msg and "snapshot_download(" in msg
     assert "couldn't connect" in msg
 
 
@@ -415,7 +415,7 @@ def test_paper_config_builds_without_data(path: str, offline_hub: Path) -> None:
     cfg = load_config(path)
     spec = scenario_spec(cfg.data)
     assert spec is not None and not Path(cfg.data.root).exists()
-    summary = dry_run(cfg, "unused")
+    summary = dry_run(cfg, "unused", synthetic=True)
     assert summary["data"].startswith("synthetic stand-in")
     assert summary["input_shape"] == list(spec.input_shape)
     if cfg.model.backbone.weights:
@@ -458,8 +458,9 @@ def test_paper_sweep_rows_are_valid_configs(path: str) -> None:
 
 def test_dry_run_of_a_single_task_row_builds_its_networks() -> None:
     cfg = load_config(ROOT / "configs/paper/radimagenet_grad.yaml", ["model.arch=single_task"])
-    summary = dry_run(cfg, "unused")
-    plain = dry_run(load_config(ROOT / "configs/paper/radimagenet_grad.yaml", ["model.arch=hps"]), "unused")
+    summary = dry_run(cfg, "unused", synthetic=True)
+    plain = dry_run(load_config(ROOT / "configs/paper/radimagenet_grad.yaml", ["model.arch=hps"]), "unused",
+                    synthetic=True)
     assert summary["arch"].startswith("single_task (one run per task")
     tasks = len(summary["tasks"])
     assert summary["parameters"]["total"] - summary["parameters"]["heads"] == \
@@ -472,12 +473,13 @@ def test_train_dry_run_cli_writes_nothing(tmp_path: Path, capsys: pytest.Capture
 
     out = tmp_path / "run"
     assert main(["train", "--config", str(ROOT / "configs/paper/radimagenet_router.yaml"), "--dry-run",
-                 "--out", str(out)]) == 0
+                 "--synthetic", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "synthetic stand-in of radimagenet" in text and "shufflenet_v2_x1_0" in text
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_paper_smoke_tiny_on_cpu(capsys: pytest.CaptureFixture[str], offline_hub: Path) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:

@@ -219,6 +219,7 @@ def _mola(*args: str) -> list[str]:
     return [sys.executable, "-m", "mola.cli.main", "train", *args]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_step_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     """A real ``mola train`` killed with SIGKILL at a random step, then ``--resume``d, ends with exactly the
     weights of an uninterrupted run (CPU, one thread)."""

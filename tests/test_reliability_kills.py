@@ -95,6 +95,7 @@ def test_kill_at_each_write_point_then_resume_is_bit_identical(setup: tuple[Path
     assert not (run / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_real_process_killed_between_best_and_last_writes(setup: tuple[Path, Path], tmp_path: Path) -> None:
     """The issue's case, in a fresh interpreter: killed after the 2nd `best` is written, before its `last`."""
     config, ref = setup
@@ -210,7 +211,7 @@ def test_overwrite_removes_everything_the_old_run_wrote(tmp_path: Path, setup: t
     for name in ("config.yaml", "metrics.csv", "final.json"):
         (run / name).write_text((ref / name).read_text())
     (run / "task_centroids.json").write_text("{}")
-    for folder in ("analysis", "tb", "report"):
+    for folder in ("analysis", "tb", "report", "conflict"):
         (run / folder).mkdir()
         (run / folder / "old.txt").write_text("stale")
     (run / "notes.txt").write_text("mine")
@@ -218,8 +219,8 @@ def test_overwrite_removes_everything_the_old_run_wrote(tmp_path: Path, setup: t
                  "train.tensorboard=false"]) == 0
     err = capsys.readouterr().err
     assert "--overwrite: removed the old run's config.yaml, metrics.csv, final.json, task_centroids.json, tb/, " \
-           "analysis/, report/" in err and "left alone (not written by mola): notes.txt" in err
-    assert not any((run / n).exists() for n in ("analysis", "tb", "report"))
+           "analysis/, report/" in err and "conflict/" in err and "left alone (not written by mola): notes.txt" in err
+    assert not any((run / n).exists() for n in ("analysis", "tb", "report", "conflict"))
     assert (run / "notes.txt").read_text() == "mine"
     assert json.loads((run / "final.json").read_text())["epochs"] == 1
     assert json.loads((run / "task_centroids.json").read_text()) != {}  # the new run's (a router run writes it)

@@ -156,6 +156,7 @@ def test_predict_on_a_decompression_bomb_is_one_line(tmp_path: Path, capsys: pyt
     images = tmp_path / "imgs"
     write_test_pngs(tmp_path / "data", images, per_task=1)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # 784 px > 2 * 300: what PIL calls a bomb
+    capsys.readouterr()  # training's per-epoch lines
     assert main(["predict", "--checkpoint", str(run), "--images", str(images), "--out", str(tmp_path / "p.csv")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "decompression-bomb limit" in err and str(images) in err
@@ -198,8 +199,8 @@ def test_load_adapters_with_a_bad_config_names_the_file(tmp_path: Path, config: 
     from safetensors.torch import save_file
 
     import mola
+    from mola.files import tensors_sha256
     from mola.inject import MoLAConfig
-    from mola.inject.model import _adapter_digest
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     m = mola.inject(net, MoLAConfig(num_experts=2, rank=2, target_modules=["0"]))
@@ -210,7 +211,7 @@ def test_load_adapters_with_a_bad_config_names_the_file(tmp_path: Path, config: 
     with safe_open(str(path), framework="pt") as fh:
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     save_file(tensors, str(path), metadata={"format": "mola-adapters", "config": config,
-                                            "sha256": _adapter_digest(config, tensors)})
+                                            "sha256": tensors_sha256(config, tensors)})
     with pytest.raises(ValueError, match=rf"adapter file {path}: its 'config' metadata .*re-export"):
         m.load_adapters(path)
 

@@ -26,29 +26,25 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin = get_origin(tp)
-    if _is_dataclass_type(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"config key {where!r} must be a mapping, got {value!r}")
-        return from_dict(tp, value, prefix=where + ".")
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(a, value, where)
-            except (ValueError, TypeError) as err:
-                errors.append(err)
-        if len(errors) == 1:  # one real alternative (X | None): its own message is the most precise
-            raise errors[0]
-        raise ValueError(f"config key {where!r}: {value!r} does not match type {tp}")
+def _convert_union(tp: Any, value: Any, where: str) -> Any:
+    args = get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _convert(a, value, where)
+        except (ValueError, TypeError) as err:
+            errors.append(err)
+    if len(errors) == 1:  # one real alternative (X | None): its own message is the most precise
+        raise errors[0]
+    raise ValueError(f"config key {where!r}: {value!r} does not match type {tp}")
+
+
+def _convert_generic(tp: Any, origin: Any, value: Any, where: str) -> Any:
+    """Literal, list/tuple and dict types."""
     if origin is typing.Literal:
         if value not in get_args(tp):
             raise ValueError(f"config key {where!r}: {value!r} is not one of {list(get_args(tp))}")
@@ -57,35 +53,59 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"config key {where!r} must be a list, got {value!r}")
         args = get_args(tp)
-        inner = args[0] if args else Any
-        out = [_convert(inner, v, where) for v in value]
+        out = [_convert(args[0] if args else Any, v, where) for v in value]
         return out if origin is list else tuple(out)
-    if origin is dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"config key {where!r} must be a mapping, got {value!r}")
+    kt, vt = get_args(tp) or (Any, Any)
+    return {_convert(kt, k, where): _convert(vt, v, where) for k, v in value.items()}
+
+
+def _to_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"config key {where!r} must be true/false, got {value!r}")
+
+
+def _to_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"config key {where!r} must be an integer, got {value!r}")
+    return value
+
+
+def _to_float(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config key {where!r} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"config key {where!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _to_str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"config key {where!r} must be a string, got {value!r}")
+    return value
+
+
+#: the scalar types a config field may have, and their checked conversion
+_SCALARS: dict[Any, Any] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """``value`` checked against (and converted to) type ``tp``; a ValueError naming the key ``where``."""
+    origin = get_origin(tp)
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
         if not isinstance(value, dict):
             raise ValueError(f"config key {where!r} must be a mapping, got {value!r}")
-        kt, vt = get_args(tp) or (Any, Any)
-        return {_convert(kt, k, where): _convert(vt, v, where) for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"config key {where!r} must be true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"config key {where!r} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"config key {where!r} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ValueError(f"config key {where!r} must be a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"config key {where!r} must be a string, got {value!r}")
-        return value
-    return value
+        return from_dict(tp, value, prefix=where + ".")
+    if origin in (Union, types.UnionType):
+        return _convert_union(tp, value, where)
+    if origin in (typing.Literal, list, tuple, dict):
+        return _convert_generic(tp, origin, value, where)
+    convert = _SCALARS.get(tp)
+    return convert(value, where) if convert is not None else value
 
 
 class DuplicateKeyError(yaml.YAMLError):

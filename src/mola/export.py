@@ -54,8 +54,9 @@ class TaskModel(nn.Module):
 
 
 # -- finding the parts ---------------------------------------------------------------------------------------
-def find_mola(model: nn.Module) -> MoLAModel:
-    """The MoLAModel of ``model`` (itself or e.g. ``MoLANet.encoder``); ValueError for any other model."""
+def single_mola_model(model: nn.Module) -> MoLAModel:
+    """The one MoLAModel (injected wrapper) of ``model`` (itself or e.g. the ``mola`` arch's ``MoLANet.encoder``);
+    a ValueError when there is none or more than one (``inject.find_mola_model`` returns the first or None)."""
     found = find_mola_model(model)
     if found is None or (found is not model and sum(isinstance(m, MoLAModel) for m in model.modules()) != 1):
         what = "no" if found is None else "more than one"
@@ -63,11 +64,14 @@ def find_mola(model: nn.Module) -> MoLAModel:
     return found
 
 
+find_mola = single_mola_model  # the earlier name, kept for callers of the public API
+
+
 def task_names(model: nn.Module) -> list[str]:
     """Task names of a multi-task model, or "0".."E-1" for a bare MoLAModel."""
     if isinstance(model, MultiTaskModel):
         return [t.name for t in model.tasks]
-    return [str(e) for e in range(find_mola(model).num_experts)]
+    return [str(e) for e in range(single_mola_model(model).num_experts)]
 
 
 def resolve_task(task: int | str, names: Sequence[str]) -> int:
@@ -194,7 +198,7 @@ def base_model(model: nn.Module) -> nn.Module:
 
     The module peft's adapters from ``export_peft`` attach to; its module names are the MoLA layer names.
     """
-    encoder = find_mola(model)
+    encoder = single_mola_model(model)
     layers = encoder.mola_layers()
     for n, layer in layers.items():
         set_submodule(encoder.model, n, layer.base_layer)
@@ -245,7 +249,7 @@ def peft_adapter(model: nn.Module, task: int | str,
     """(adapter_config dict, state dict with peft's key names) of task ``task``'s adapter, or (``weights`` (E,))
     of the adapter mixture sum_e w_e B_e A_e, written exactly as a LoRA of rank E*r with lora_alpha E*alpha."""
     t = resolve_task(task, task_names(model))
-    encoder = find_mola(model)
+    encoder = single_mola_model(model)
     if weights is not None and tuple(weights.shape) != (encoder.num_experts,):
         raise ValueError(f"weights must have shape ({encoder.num_experts},), got {tuple(weights.shape)}")
     t2e = encoder.config.task_to_expert
@@ -311,4 +315,4 @@ def save_state(module: nn.Module, path: str | os.PathLike[str], metadata: dict[s
 
 __all__ = ["FORMATS", "FORMAT_FILES", "TaskModel", "base_model", "export_merged", "export_peft", "find_mola",
            "merge_mixture", "peft_adapter", "reference_forward", "resolve_task", "save_merged", "save_state",
-           "task_names"]
+           "single_mola_model", "task_names"]

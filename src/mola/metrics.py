@@ -1,4 +1,4 @@
-"""Evaluation metrics (method.md §9): functional metrics, streaming per-task meters, Delta_m / Delta_p.
+"""Evaluation metrics (docs/results.md): functional metrics, streaming per-task meters, Delta_m / Delta_p.
 
 Conventions: accuracies, IoUs, AUCs and "within t degrees" shares are fractions in [0, 1]; depth errors are in
 the target's units; normal angle errors are in degrees. Every meter aggregates exactly over all samples or
@@ -7,15 +7,17 @@ pixels it has seen (never a mean of batch means).
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mola.data.base import TaskInfo
+from mola.tasks import TaskInfo
 
 NORMAL_THRESHOLDS: tuple[float, ...] = (11.25, 22.5, 30.0)
 """Angle thresholds (degrees) of the normal "within" metrics; a pixel counts when its error is below."""
@@ -267,16 +269,53 @@ def normal_metrics(pred: Tensor, target: Tensor) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+Reduction = Literal["sum", "cat"]
+
+
 class Meter(ABC):
-    """Accumulates one task's predictions over batches; ``compute`` gives exact dataset-level metrics."""
+    """Accumulates one task's predictions over batches; ``compute`` gives exact dataset-level metrics.
+
+    Every accumulated value is a declared state (``add_state(name, default, reduction)``), as in torchmetrics:
+    "sum" states (numbers or tensors) add up across batches and processes, "cat" states (lists of tensors) are
+    concatenated. State stays where the predictions live (no per-batch host sync); ``merge`` and the DDP merge
+    (``DistContext.merge_meters``: one all-reduce of every sum state) use only these declarations."""
 
     def __init__(self, task: TaskInfo) -> None:
         self.task = task
+        self._defaults: dict[str, tuple[Any, Reduction]] = {}
+        self.declare()
         self.reset()
 
     @abstractmethod
+    def declare(self) -> None:
+        """Declare the meter's states with ``add_state``."""
+
+    def add_state(self, name: str, default: Any, reduction: Reduction) -> None:
+        """Declare state ``name``: its value after ``reset`` (a number, a tensor, or [] for "cat") and how two
+        partial states combine."""
+        if reduction not in ("sum", "cat"):
+            raise ValueError(f"state {name!r}: reduction must be 'sum' or 'cat', got {reduction!r}")
+        self._defaults[name] = (default, reduction)
+
+    def reductions(self) -> dict[str, Reduction]:
+        """State name -> reduction, in declaration order."""
+        return {k: r for k, (_, r) in self._defaults.items()}
+
     def reset(self) -> None:
-        """Forget everything seen so far."""
+        """Forget everything seen so far: every state back to its default."""
+        for name, (default, _) in self._defaults.items():
+            setattr(self, name, default.clone() if isinstance(default, Tensor) else copy.copy(default))
+
+    def merge(self, other: Meter) -> None:
+        """Add ``other``'s states (same kind of meter, e.g. another process's) into this one."""
+        for name, reduction in self.reductions().items():
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if reduction == "cat":
+                setattr(self, name, [*mine, *theirs])
+            else:
+                if isinstance(mine, Tensor) and isinstance(theirs, Tensor):
+                    theirs = theirs.to(mine.device)
+                setattr(self, name, mine + theirs)
 
     @abstractmethod
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -288,53 +327,54 @@ class Meter(ABC):
 
 
 class ClassificationMeter(Meter):
-    """Accuracy and AUC from (N, C) logits; softmax scores are kept (on CPU) for the dataset-level AUC."""
+    """Accuracy and AUC from (N, C) logits; softmax scores are kept for the dataset-level AUC."""
 
-    def reset(self) -> None:
-        self.correct = 0
-        self.total = 0
-        self._scores: list[Tensor] = []
-        self._targets: list[Tensor] = []
+    def declare(self) -> None:
+        self.add_state("correct", 0, "sum")
+        self.add_state("total", 0, "sum")
+        self.add_state("scores", [], "cat")
+        self.add_state("targets", [], "cat")
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
         if pred.dim() != 2:
             raise ValueError(f"classification pred must be (N, C) logits, got {tuple(pred.shape)}")
         target = target.reshape(-1).long()
-        self.correct += int((pred.argmax(dim=1) == target).sum())
+        self.correct = self.correct + (pred.argmax(dim=1) == target).sum()
         self.total += target.numel()
-        self._scores.append(torch.softmax(pred.detach().float(), dim=1).cpu())
-        self._targets.append(target.detach().cpu())
+        self.scores.append(torch.softmax(pred.detach().float(), dim=1))
+        self.targets.append(target.detach())
 
     def compute(self) -> dict[str, float]:
         if not self.total:
             return {"acc": float("nan"), "auc": float("nan")}
-        scores, targets = torch.cat(self._scores), torch.cat(self._targets)
-        return {"acc": self.correct / self.total, "auc": auc(scores, targets, from_logits=False)}
+        scores, targets = torch.cat(self.scores).cpu(), torch.cat(self.targets).cpu()
+        return {"acc": float(self.correct) / self.total, "auc": auc(scores, targets, from_logits=False)}
 
 
 class SegmentationMeter(Meter):
     """mIoU and pixel accuracy from a confusion matrix accumulated over all non-ignored pixels."""
 
-    def reset(self) -> None:
+    def declare(self) -> None:
         c = self.task.out_channels
-        self.conf = torch.zeros(c, c, dtype=torch.int64)
+        self.add_state("conf", torch.zeros(c, c, dtype=torch.int64), "sum")
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
-        self.conf += confusion_matrix(pred.detach(), target, self.conf.shape[0], self.task.ignore_index)
+        self.conf = self.conf.to(pred.device) + confusion_matrix(pred.detach(), target, self.conf.shape[0],
+                                                                 self.task.ignore_index)
 
     def compute(self) -> dict[str, float]:
-        return {"miou": miou(self.conf), "pix_acc": pixel_accuracy(self.conf)}
+        return {"miou": miou(self.conf.cpu()), "pix_acc": pixel_accuracy(self.conf.cpu())}
 
 
 class DepthMeter(Meter):
     """Absolute and relative depth error summed over every valid pixel (target > 0) of every batch."""
 
-    def reset(self) -> None:
-        self.sum_abs = 0.0
-        self.sum_rel = 0.0
-        self.count = 0
+    def declare(self) -> None:
+        self.add_state("sum_abs", 0.0, "sum")
+        self.add_state("sum_rel", 0.0, "sum")
+        self.add_state("count", 0, "sum")
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -350,17 +390,17 @@ class DepthMeter(Meter):
 
 
 class NormalMeter(Meter):
-    """Normal angle metrics over every valid pixel; keeps all angles (float32, CPU) for the exact median."""
+    """Normal angle metrics over every valid pixel; keeps all angles (float32) for the exact median."""
 
-    def reset(self) -> None:
-        self._angles: list[Tensor] = []
+    def declare(self) -> None:
+        self.add_state("angles", [], "cat")
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
-        self._angles.append(normal_angle_errors(pred.detach(), target).float().cpu())
+        self.angles.append(normal_angle_errors(pred.detach(), target).float())
 
     def compute(self) -> dict[str, float]:
-        angles = torch.cat(self._angles) if self._angles else torch.zeros(0)
+        angles = torch.cat(self.angles).cpu() if self.angles else torch.zeros(0)
         return normal_metrics_from_angles(angles)
 
 
@@ -374,11 +414,7 @@ _METERS: dict[str, type[Meter]] = {
 
 def make_meter(task: TaskInfo) -> Meter:
     """A fresh streaming meter for ``task``'s kind (classification, segmentation, depth or normal)."""
-    try:
-        cls = _METERS[task.kind]
-    except KeyError:
-        raise ValueError(f"task {task.name!r} has unknown kind {task.kind!r}") from None
-    return cls(task)
+    return _METERS[task.spec.name](task)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -391,7 +427,7 @@ def delta_m(
     single_task_scores: Mapping[str, Mapping[str, float]],
     higher_is_better: Mapping[str, bool] | None = None,
 ) -> float:
-    """Delta_m% vs single-task baselines (method.md §9), lower is better; mean over the tasks of ``scores``.
+    """Delta_m% vs single-task baselines (docs/results.md), lower is better; mean over the tasks of ``scores``.
 
     Delta_m = (100/T) sum_t (1/|M_t|) sum_m (-1)^{h_m} (M_m - M_single) / M_single; ``higher_is_better``
     entries override ``HIGHER_IS_BETTER``. Raises ValueError on missing baselines or a zero baseline.

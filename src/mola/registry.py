@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -51,3 +53,14 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, Any]]:
         return sorted(self._items.items())
+
+
+def import_plugins(package: str) -> list[str]:
+    """Import every module of ``package`` whose file name does not start with "_" (module discovery), so each
+    registers what it defines: adding a layout, an architecture or a method is adding its file, with no import
+    list to edit. Returns the modules imported, sorted."""
+    pkg = importlib.import_module(package)
+    names = sorted(f"{package}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+    for name in names:
+        importlib.import_module(name)
+    return names

@@ -1,4 +1,4 @@
-"""Which task does an input belong to? Nearest task centroid of the router code z (MoLA-Router, method.md §4).
+"""Which task does an input belong to? Nearest task centroid of the router code z (MoLA-Router, docs/concepts.md).
 
 Codes are L2-normalised first (u = z / ||z||, as the TwD loss and ``mola.analysis.routing`` see them). At the end
 of training the mean normalised code of each task on the training split is stored next to the run

@@ -1,4 +1,4 @@
-"""Analyses of trained models (method.md §10): weight spectra, parameter counts, router codes, result tables.
+"""Analyses of trained models (docs/results.md): weight spectra, parameter counts, router codes, result tables.
 
 Reads trained models and run directories; never trains. Figures are drawn with matplotlib's Agg canvas.
 """

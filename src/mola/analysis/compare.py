@@ -1,4 +1,4 @@
-"""Spectra of plain (non-MoLA) weights and side-by-side comparisons of runs (method.md §10: "compare with a model
+"""Spectra of plain (non-MoLA) weights and side-by-side comparisons of runs (docs/results.md: "compare with a model
 trained without MoLA", Fig. 4's "higher-rank model").
 
 A MoLA layer is matched to a layer of another model by its module path: the MoLA layer ``layer4.conv1`` matches

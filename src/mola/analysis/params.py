@@ -19,7 +19,7 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 
 
 def adapter_count(layer: nn.Module, num_experts: int, rank: int, layout: str = "kernel") -> int:
-    """Closed-form adapter parameters MoLA adds to one plain Conv2d/Linear (method.md §2).
+    """Closed-form adapter parameters MoLA adds to one plain Conv2d/Linear (docs/concepts.md).
 
     Linear: E*r*(Ci+Co). Conv kernel layout: E*r*kh*(Ci/g*kw + Co*kh) (= E*r*k^2*(Ci+Co) for square kernels,
     g=1). Conv factorized layout: E*r*(Ci*kh*kw + Co).

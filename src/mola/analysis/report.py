@@ -124,6 +124,29 @@ def _reference_scores(ref: ReportRow, tasks: list[str], task_metrics: dict[str, 
     return out
 
 
+def _group_rows(runs: list[RunResult]) -> list[ReportRow]:
+    """One row per group key (arch, weighting, ...), single_task first, then in input order; pooled runs checked."""
+    groups: dict[GroupKey, list[RunResult]] = {}
+    for r in runs:
+        groups.setdefault(r.key, []).append(r)
+    keys = sorted(groups, key=lambda k: k[0] != "single_task")  # stable: single_task first, then input order
+    rows = [ReportRow(row_label(k), k, groups[k]) for k in keys]
+    for row in rows:
+        check_pooled(row.runs, row.label)
+    return rows
+
+
+def _run_delta_m(run: RunResult, ref_scores: dict[str, dict[str, float]]) -> float:
+    """Delta_m of one run against the reference scores over the finite metrics both have (NaN if none)."""
+    mine = {t: {m: v for m in ref_scores[t] if math.isfinite(v := run.scores.get(t, {}).get(m, math.nan))}
+            for t in ref_scores}
+    mine = {t: ms for t, ms in mine.items() if ms}
+    try:
+        return delta_m(mine, ref_scores) if mine else math.nan
+    except ValueError:
+        return math.nan
+
+
 def build_table(runs: list[RunResult], metric: str = "acc", split: str = "test", checkpoint: str = "best",
                 delta_metrics: str = "primary") -> ReportTable:
     """Group runs into rows and fill each column's per-run values (tasks, Avg, Delta_m/Delta_p).
@@ -140,13 +163,7 @@ def build_table(runs: list[RunResult], metric: str = "acc", split: str = "test",
         tasks += [t for t in r.scores if t not in tasks]
     task_metrics = {t: m for t in tasks if (m := _task_metric(t, runs, metric)) is not None}
     tasks = [t for t in tasks if t in task_metrics]
-    groups: dict[GroupKey, list[RunResult]] = {}
-    for r in runs:
-        groups.setdefault(r.key, []).append(r)
-    keys = sorted(groups, key=lambda k: k[0] != "single_task")  # stable: single_task first, then input order
-    rows = [ReportRow(row_label(k), k, groups[k]) for k in keys]
-    for row in rows:
-        check_pooled(row.runs, row.label)
+    rows = _group_rows(runs)
     columns = list(tasks)
     hib = {t: HIGHER_IS_BETTER.get(task_metrics[t], True) for t in tasks}
     same_metric = len(set(task_metrics.values())) == 1
@@ -171,15 +188,7 @@ def build_table(runs: list[RunResult], metric: str = "acc", split: str = "test",
         columns += [DELTA_M, DELTA_P]
         hib[DELTA_M], hib[DELTA_P] = False, True
         for row in rows:
-            dms = []
-            for r in row.runs:
-                mine = {t: {m: v for m in ref_scores[t] if math.isfinite(v := r.scores.get(t, {}).get(m, math.nan))}
-                        for t in ref_scores}
-                mine = {t: ms for t, ms in mine.items() if ms}
-                try:
-                    dms.append(delta_m(mine, ref_scores) if mine else math.nan)
-                except ValueError:
-                    dms.append(math.nan)
+            dms = [_run_delta_m(r, ref_scores) for r in row.runs]
             row.values[DELTA_M] = dms
             row.values[DELTA_P] = [-d for d in dms]
     return ReportTable(rows, columns, task_metrics, hib, metric, split, checkpoint, reference, delta_metrics)
@@ -307,7 +316,7 @@ def find_reference(table: ReportTable, ref: str) -> ReportRow:
 
 def paired_rows(table: ReportTable, ref: str, confidence: float = 0.95,
                 allow_diff: Sequence[str] = ()) -> tuple[ReportRow, list[PairedRow]]:
-    """Pair every other row with the reference row by seed, per task column, Avg and Delta_m (method.md §12).
+    """Pair every other row with the reference row by seed, per task column, Avg and Delta_m (docs/results.md).
     Rows whose configs differ from the reference's by more than seed and method are refused (``check_paired``)
     unless the keys are in ``allow_diff``."""
     base = find_reference(table, ref)

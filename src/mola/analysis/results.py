@@ -84,7 +84,7 @@ def read_config(path: Path) -> dict[str, Any] | None:
     if not cfg.is_file():
         return None
     try:
-        out = load_config(cfg).to_dict()
+        out = load_config(cfg, root_from_file=False).to_dict()  # a run's stored root: absolute, or (older) cwd-relative
     except (ValueError, TypeError) as err:
         raise ValueError(f"{cfg} is not a valid mola run config: {err}") from err
     if out["data"].get("root"):  # runs store it relative (older) or absolute: compare them as absolute paths

@@ -1,5 +1,5 @@
-"""Router analyses (method.md §4, §10, paper Fig. 6): mean mixing weights per task, codes z, and how well the
-task can be read back from z (nearest task centroid accuracy, silhouette score, 2-D PCA projection).
+"""Router analyses (docs/concepts.md, docs/results.md, paper Fig. 6): mean mixing weights per task, codes z, and
+how well the task can be read back from z (nearest task centroid accuracy, silhouette score, 2-D PCA projection).
 
 Codes are L2-normalised before any distance is taken (u = z / ||z||, as the TwD loss sees them).
 """

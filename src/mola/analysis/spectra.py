@@ -1,4 +1,4 @@
-"""Spectra of MoLA layer weights (method.md §10): singular values, numerical rank, principal-component proportion.
+"""Spectra of MoLA layer weights (docs/results.md): singular values, numerical rank, principal-component proportion.
 
 Every weight is flattened to Co x (Ci/g * kh * kw) before its singular values are taken. Singular values are
 computed in float64; the numerical-rank tolerance follows ``numpy.linalg.matrix_rank``

@@ -1,4 +1,4 @@
-"""``mola analyze RUN_DIR``: spectra, parameter counts and routing analyses of a trained run (method.md §10)."""
+"""``mola analyze RUN_DIR``: spectra, parameter counts and routing analyses of a trained run (docs/results.md)."""
 
 from __future__ import annotations
 

@@ -21,11 +21,14 @@ def _run_dir(cfg, out: str | None) -> Path:
 RESULT_FILES = ("config.yaml", "metrics.csv", "final.json", "task_centroids.json")
 """Files of a run folder that ``mola train --out`` never silently overwrites."""
 
-RUN_WRITES = (*RESULT_FILES, "checkpoints", "tb", "tasks", "analysis", "report", "sweep.json", "train.log")
-"""Everything ``mola train`` (and ``analyze`` / ``report`` / ``sweep`` with their default outputs) writes into a
-run folder: what ``--overwrite`` removes, so nothing of the old run is left to be mistaken for the new one's."""
+RUN_WRITES = (*RESULT_FILES, "checkpoints", "tb", "tasks", "analysis", "report", "sweep.json", "train.log",
+              "curves.png", "conflict")
+"""Everything ``mola train`` (and ``analyze`` / ``report`` / ``sweep`` / ``conflict`` with their default outputs)
+writes into a run folder: what ``--overwrite`` removes, so nothing of the old run is left to be mistaken for the
+new one's."""
 
 _interrupted_hint: list[str] = []  # what a Ctrl-C should tell (set by commands that write resumable state)
+_command_line: list[str] = []  # the arguments of this `mola` call, for a pasteable resume hint
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -37,11 +40,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, arch=args.arch, weighting=args.weighting, method=args.method)
     if args.seed is not None:
         cfg.train.seed = args.seed
+    if args.device is not None:
+        cfg.train.device = args.device
+    shorthands = [v for v in (args.method, args.arch, args.weighting) if v]
+    if shorthands and not any(o.split("=", 1)[0].strip() == "name" for o in args.overrides or []):
+        cfg.name = "-".join([cfg.name, *shorthands])  # a router/HPS run of a config gets its own name and folder
     run_dir = _run_dir(cfg, args.out)
-    if args.dry_run:
+    if args.synthetic and not args.dry_run:
+        raise ValueError("--synthetic builds a stand-in of the data for --dry-run only; add --dry-run")
+    if args.dry_run:  # reads the data, writes nothing, takes no lock: --out may hold a run
         from mola.engine.dryrun import dry_run, format_dry_run
 
-        print(format_dry_run(dry_run(cfg, run_dir, resume=args.resume)))
+        print(format_dry_run(dry_run(cfg, run_dir, resume=args.resume, synthetic=args.synthetic)))
         return 0
     check_writable_dir(run_dir, "run directory (--out)")
     from mola.engine.single_task import run_has_checkpoint
@@ -144,14 +154,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     import mola.methods  # noqa: F401
     import mola.models.archs  # noqa: F401
     from mola.data.registry import SCENARIOS
-    from mola.engine.config import SHORTHANDS
+    from mola.engine.config import SHORTHANDS, config_folders
     from mola.methods import DOMAIN_METHODS, WEIGHTINGS
     from mola.models import ARCHS, BACKBONES
 
-    configs = sorted(p.stem for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
+    configs = sorted({str(p.relative_to(d.parent if d.name == "paper" else d).with_suffix(""))
+                      for d in config_folders() for p in d.glob("*.yaml")})
     rows = [
         ("data kinds (data.kind)", SCENARIOS.names()),
-        ("scenario configs (configs/)", configs),
+        ("configs (--config NAME)", configs),
         ("archs (--arch)", ARCHS.names()),
         ("weightings (--weighting)", WEIGHTINGS.names()),
         ("methods (--method)", sorted(SHORTHANDS) + ["erm"] + [n for n in DOMAIN_METHODS.names() if n != "erm"]),
@@ -167,22 +178,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mola {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one run from a YAML config and dotted.key=value overrides")
-    t.add_argument("--config", "-c", help="YAML run config")
-    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.epochs=5")
+    t.add_argument("--config", "-c", help="YAML run config: a path, or a shipped config's name (`mola list`)")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.epochs=5 (anywhere on the "
+                                                "line)")
     t.add_argument("--arch", help="shorthand for model.arch")
     t.add_argument("--weighting", help="shorthand for train.weighting")
     t.add_argument("--method", help="mola_grad | mola_router | erm | a domain method (train.method)")
     t.add_argument("--seed", type=int, help="shorthand for train.seed")
     t.add_argument("--out", help="run directory (default: out_dir/name)")
+    t.add_argument("--device", help="shorthand for train.device: auto, cpu, cuda, cuda:1, mps")
     t.add_argument("--resume", action="store_true", help="continue the run in the run directory")
     t.add_argument("--overwrite", action="store_true",
                    help="train into a run directory that holds results (config.yaml, metrics.csv, final.json) "
                         "but no checkpoint: first remove everything the old run wrote there (also tb/, analysis/, "
                         "report/, task_centroids.json) and say what went")
     t.add_argument("--dry-run", action="store_true",
-                   help="check the config (names, data, run directory), build data spec, model, method and "
-                        "optimizer, print a summary; train and write nothing (paper presets use a synthetic "
-                        "stand-in: no data needed)")
+                   help="check the config and read the data (samples per task, class and split, channels, image "
+                        "sizes), build model, method and optimizer, print a summary; train, write and lock nothing")
+    t.add_argument("--synthetic", action="store_true",
+                   help="with --dry-run: build layouts that declare their shape (paper presets, nyuv2, "
+                        "radimagenet) on a random stand-in, so a config is checked without its data")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="evaluate a checkpoint file or a run directory's best checkpoint",
                        description="Rebuild the run's model and data from its stored config and report the metrics "
@@ -199,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     ls = sub.add_parser("list", help="scenarios, archs, weightings, methods and backbones")
     ls.set_defaults(func=cmd_list)
-    from mola.cli import analyze, conflict, export, predict, report, sweep
-    for mod in (analyze, conflict, sweep, report, export, predict):
+    from mola.cli import analyze, conflict, export, layers, predict, report, sweep
+    for mod in (analyze, conflict, sweep, report, export, predict, layers):
         mod.add_parser(sub)
     return p
 
@@ -221,7 +236,20 @@ def _train_hint(run_dir: Path) -> str:
     if not run_has_checkpoint(run_dir):
         return f"no checkpoint written yet in {run_dir}; rerun the same command to start again"
     where = f"last checkpoint: {last}" if last.is_file() else f"checkpoints of the per-task runs in {run_dir / 'tasks'}"
-    return f"{where}; continue with the same command plus --resume (mola train ... --out {run_dir} --resume)"
+    return f"{where}; continue with: {resume_command(_command_line, run_dir)}"
+
+
+def resume_command(argv: list[str], run_dir: Path) -> str:
+    """The command that continues an interrupted ``mola train``: the same arguments, ``--out RUN_DIR`` and
+    ``--resume`` (shell-quoted, pasteable)."""
+    import shlex
+
+    args = list(argv)
+    if "--out" in args[:-1]:
+        i = args.index("--out")
+        del args[i:i + 2]
+    args = [a for a in args if a not in ("--resume", "--overwrite")]
+    return shlex.join(["mola", *args, "--out", str(run_dir), "--resume"])
 
 
 def _one_line(err: BaseException) -> str:
@@ -234,12 +262,25 @@ def _one_line(err: BaseException) -> str:
     return msg
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; ``dotted.key=value`` overrides may stand anywhere (also after an option's value)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if extra and (stray or not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. User errors print one line (no traceback): exit 2 for bad input, 3 for a run stopped by
     a non-finite loss/metric, 1 for an OS error (disk full, permissions), 130 for Ctrl-C."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    _command_line[:] = list(sys.argv[1:] if argv is None else argv)
     from mola.engine.checkpoint import RunLockedError
-    from mola.engine.trainer import NonFiniteLossError
+    from mola.engine.selection import NonFiniteError
 
     _interrupted_hint[:] = []
     try:
@@ -251,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RunLockedError) as err:
         print(f"mola: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as err:
+    except NonFiniteError as err:  # a loss, the weights or a validation metric
         print(f"mola: error: {_one_line(err)}", file=sys.stderr)
         return 3
     except OSError as err:  # disk full, read-only folder, ...: the message names the path

@@ -54,6 +54,57 @@ def _class_names(scenario: Any, task: str, num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
+def _task_centroids(run_dir: Path, model: Any, cfg: Any, tid: int | None, names: list[str]) -> Any:
+    """The run's task centroids when the task is inferred from the image (MoLA-Router on multi-input/domain data;
+    None with ``--task``); a ValueError when the run cannot infer tasks and no ``--task`` was given."""
+    from mola.task_inference import is_router_multitask, load_run_centroids
+
+    if not is_router_multitask(model):
+        if tid is None:
+            mode = cfg.model.mola.mode if cfg.model.arch == "mola" else f"arch {cfg.model.arch}"
+            raise ValueError(f"this run ({mode}) needs --task: only MoLA-Router runs on multi-input/domain data "
+                             f"can infer the task from the image; tasks: {', '.join(names)}")
+        return None
+    try:
+        cents = load_run_centroids(run_dir)
+    except FileNotFoundError:
+        if tid is None:
+            raise
+        return None
+    if cents.tasks != names:
+        raise ValueError(f"{run_dir}/task_centroids.json holds tasks {cents.tasks}, the run has {names}; "
+                         "recompute them with --compute-centroids")
+    return cents
+
+
+def _rows_of_batch(model: Any, outs: dict[int, Tensor], ids: Tensor, chunk: list[Path], root: Path, scenario: Any,
+                   names: list[str], tid: int | None, inferred: Any, conf: Any, top_k: int) -> list[dict[str, Any]]:
+    """The ``COLUMNS`` rows of one batch: each image's top class and top-k of its task's head."""
+    logits: list[Tensor | None] = [None] * len(chunk)
+    if model.single_input:
+        for i in range(len(chunk)):
+            logits[i] = outs[tid][i]  # type: ignore[index]  # single-input runs need --task
+    else:
+        for k, r in model.task_rows(ids).items():
+            for j, i in enumerate(r.tolist()):
+                logits[i] = outs[k][j]
+    rows = []
+    for i, p in enumerate(chunk):
+        k = int(ids[i])
+        prob = torch.softmax(logits[i].float(), dim=-1)  # type: ignore[union-attr]
+        cls = _class_names(scenario, names[k], prob.numel())
+        top = torch.topk(prob, min(top_k, prob.numel()))
+        rows.append({
+            "path": str(p.relative_to(root)), "task": names[k],
+            "inferred_task": names[int(inferred[i])] if inferred is not None else "",
+            "confidence": f"{float(conf[i]):.6f}" if conf is not None else "",
+            "class_index": int(top.indices[0]), "class_name": cls[int(top.indices[0])],
+            "probability": f"{float(top.values[0]):.6f}",
+            "top_k": ";".join(f"{cls[int(c)]}:{float(v):.4f}" for v, c in zip(top.values, top.indices, strict=True)),
+        })
+    return rows
+
+
 def predict_images(run: str | os.PathLike[str], images: str | os.PathLike[str], task: str | None = None,
                    device: str = "cpu", batch_size: int = 64, top_k: int = 3,
                    compute_centroids: bool = False, overrides: Sequence[str] = (),
@@ -63,7 +114,7 @@ def predict_images(run: str | os.PathLike[str], images: str | os.PathLike[str], 
     from mola.engine.evaluate import progress_bar
     from mola.engine.run import load_run, run_dir_of
     from mola.export import resolve_task
-    from mola.task_inference import compute_run_centroids, is_router_multitask, load_run_centroids
+    from mola.task_inference import compute_run_centroids
 
     run_dir = run_dir_of(run)
     if compute_centroids:
@@ -72,21 +123,7 @@ def predict_images(run: str | os.PathLike[str], images: str | os.PathLike[str], 
     cfg, scenario, model = loaded.cfg, loaded.scenario, loaded.model
     names = [t.name for t in scenario.tasks]
     tid = resolve_task(task, names) if task is not None else None
-    router = is_router_multitask(model)
-    cents = None
-    if router:
-        try:
-            cents = load_run_centroids(run_dir)
-        except FileNotFoundError:
-            if tid is None:
-                raise
-        if cents is not None and cents.tasks != names:
-            raise ValueError(f"{run_dir}/task_centroids.json holds tasks {cents.tasks}, the run has {names}; "
-                             "recompute them with --compute-centroids")
-    elif tid is None:
-        mode = cfg.model.mola.mode if cfg.model.arch == "mola" else f"arch {cfg.model.arch}"
-        raise ValueError(f"this run ({mode}) needs --task: only MoLA-Router runs on multi-input/domain data can "
-                         f"infer the task from the image; tasks: {', '.join(names)}")
+    cents = _task_centroids(run_dir, model, cfg, tid, names)
     wanted = [tid] if tid is not None else list(range(len(names)))
     bad = [names[k] for k in wanted if scenario.tasks[k].kind != "classification"]
     if bad:
@@ -108,28 +145,7 @@ def predict_images(run: str | os.PathLike[str], images: str | os.PathLike[str], 
                 torch.as_tensor(inferred, dtype=torch.long)
             ids = ids.to(device)
             outs = model(x, ids)
-            logits: list[Tensor | None] = [None] * len(chunk)
-            if model.single_input:
-                for i in range(len(chunk)):
-                    logits[i] = outs[tid][i]
-            else:
-                for k, r in model.task_rows(ids).items():
-                    for j, i in enumerate(r.tolist()):
-                        logits[i] = outs[k][j]
-            for i, p in enumerate(chunk):
-                k = int(ids[i])
-                prob = torch.softmax(logits[i].float(), dim=-1)
-                cls = _class_names(scenario, names[k], prob.numel())
-                top = torch.topk(prob, min(top_k, prob.numel()))
-                rows.append({
-                    "path": str(p.relative_to(root)), "task": names[k],
-                    "inferred_task": names[int(inferred[i])] if inferred is not None else "",
-                    "confidence": f"{float(conf[i]):.6f}" if conf is not None else "",
-                    "class_index": int(top.indices[0]), "class_name": cls[int(top.indices[0])],
-                    "probability": f"{float(top.values[0]):.6f}",
-                    "top_k": ";".join(f"{cls[int(c)]}:{float(v):.4f}" for v, c in zip(top.values, top.indices,
-                                                                                        strict=True)),
-                })
+            rows += _rows_of_batch(model, outs, ids, chunk, root, scenario, names, tid, inferred, conf, top_k)
     return rows
 
 

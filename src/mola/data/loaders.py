@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from mola.data.base import Scenario, TaskDataset
 from mola.data.config import DataConfig
+from mola.tasks import Scenario, TaskDataset
 
 SAMPLING = ("mixed", "balanced")
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mola.data.base import ALL_TASKS, ArrayTaskDataset, Heterogeneity, Scenario, TaskInfo
 from mola.data.config import DataConfig
 from mola.data.layouts._common import ArrayMultiTargetDataset
 from mola.registry import Registry
+from mola.tasks import ALL_TASKS, ArrayTaskDataset, Heterogeneity, Scenario, TaskInfo
 
 
 @dataclass

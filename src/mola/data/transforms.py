@@ -5,13 +5,16 @@ Every transform is a small picklable class (not a lambda), so DataLoader workers
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -87,6 +90,77 @@ def high_depth_to_8bit(im: Image.Image, path: str | Path) -> Image.Image:
     return Image.fromarray(np.rint(a).astype(np.uint8), "L")
 
 
+def read_image(path: str | Path, channels: int, gray: bool = False) -> Image.Image:
+    """The one image-file reader of training, evaluation and ``mola predict``: ``path`` as an RGB (``channels``
+    3) or L image. 16-bit and 32-bit gray images are scaled to 8 bits by their bit depth (PIL's own ``convert``
+    would clip them, making every pixel of a 16-bit PNG white); alpha is dropped, palette and CMYK images are
+    converted; ``gray`` reads colour images as gray first. Any decoding failure is a ValueError naming the file;
+    a decompression bomb one that also names the limit and how to get past it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = high_depth_to_8bit(im, path)
+            if gray or channels == 1:
+                im = im.convert("L")
+            return im.convert("RGB" if channels == 3 else "L")
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"cannot read image file {str(path)!r}: it is above the decompression-bomb limit of "
+                         f"{Image.MAX_IMAGE_PIXELS} pixels (PIL.Image.MAX_IMAGE_PIXELS: {e}); resize it first, or "
+                         "raise that limit if you trust the file") from e
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image file {str(path)!r}: {e}") from e
+
+
+@dataclass
+class ImagePreprocessing:
+    """How training turned an image into the model input (declared by each image layout on its Scenario,
+    ``Scenario.preprocessing``): channels, size, scaling and mean/std. Its ``load`` is the one function that
+    turns an image file into an input for evaluation, ``mola predict`` and ``mola export``, and for training
+    without augmentation (``ImageFileTransform``).
+
+    ``resize="pil"``: PIL bilinear resize, then [0, 1] and mean/std (image-file layouts);
+    ``resize="tensor"``: [0, 1], mean/std, then bilinear resize of the tensor (array layouts such as MedMNIST);
+    ``resize="crop"``: shorter side to 256/224 of the size, centre crop (``data.augment: paper``'s eval transform).
+    Files are read by ``read_image`` (gray replicated to RGB, RGB to luminance, 16-bit scaled, alpha dropped).
+    """
+
+    channels: int
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "tensor"
+    gray: bool = False
+
+    def load(self, path: str | Path) -> Tensor:
+        """The (C, H, W) float input for one image file; ValueError naming the file on a bad image."""
+        return self.tensor_of(read_image(path, self.channels, self.gray))
+
+    def tensor_of(self, im: Image.Image) -> Tensor:
+        """The (C, H, W) float input for one PIL image (already in the right mode, see ``read_image``)."""
+        if self.resize == "pil":
+            im = TF.resize(im, list(self.size))
+        elif self.resize == "crop":
+            im = TF.center_crop(TF.resize(im, round(self.size[0] * 256 / 224)), list(self.size))
+        x = to_channels(TF.to_tensor(im), self.channels)
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
+        x = (x - mean) / std
+        return resize_tensor(x, self.size) if self.resize == "tensor" else x
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (export.json)."""
+        return asdict(self)
+
+    @classmethod
+    def normalized(cls, shape: tuple[int, ...], mean: float | tuple[float, ...], std: float | tuple[float, ...],
+                   resize: str = "tensor", gray: bool = False) -> ImagePreprocessing:
+        """For inputs of ``shape`` (C, H, W) standardised with ``mean``/``std`` (one value or one per channel)."""
+        c = shape[0]
+        m = tuple(mean) if isinstance(mean, (tuple, list)) else (float(mean),) * c
+        s = tuple(std) if isinstance(std, (tuple, list)) else (float(std),) * c
+        return cls(c, (shape[1], shape[2]), m, s, resize, gray)
+
+
 class ImageFileTransform:
     """Open an image file lazily and turn it into a normalised (C, size, size) float tensor.
 
@@ -120,23 +194,18 @@ class ImageFileTransform:
         else:
             ops = [T.Resize((size, size))]
         self.pipeline = T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])
+        # without augmentation: the layout's declared preprocessing, the one function eval and predict use too
+        self.preprocessing = ImagePreprocessing.normalized((channels, size, size), mean, std,
+                                                           resize="crop" if recipe == "paper" else "pil", gray=gray)
 
     def load(self, path: str | Path) -> Image.Image:
-        """Read ``path`` into an RGB (or L) PIL image; any decoding failure (or a decompression bomb) is a
-        ValueError naming it. 16-bit and 32-bit gray images are scaled to 8 bits by their bit depth (PIL's own
-        ``convert`` would clip them, making every pixel of a 16-bit PNG white)."""
-        try:
-            with Image.open(path) as im:
-                im.load()
-                im = high_depth_to_8bit(im, path)
-                if self.gray or self.channels == 1:
-                    im = im.convert("L")
-                return im.convert("RGB" if self.channels == 3 else "L")
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise ValueError(f"cannot read image file {str(path)!r}: {e}") from e
+        """``read_image(path, channels, gray)``."""
+        return read_image(path, self.channels, self.gray)
 
     def __call__(self, path: str | Path) -> Tensor:
-        return self.pipeline(self.load(path))
+        if self.augment:
+            return self.pipeline(self.load(path))
+        return self.preprocessing.load(path)
 
     def __repr__(self) -> str:
         return (

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mola.data.base import ALL_TASKS, Scenario, TaskDataset, TaskInfo
+from mola.tasks import ALL_TASKS, Scenario, TaskDataset, TaskInfo
 
 CHECKED_SPLITS = ("train", "val", "test")
 
@@ -58,7 +58,7 @@ def _check_task_ids(scenario: Scenario, split: str, ds: TaskDataset) -> np.ndarr
 
 def _check_labels(where: str, task: TaskInfo, labels: np.ndarray, index: np.ndarray) -> None:
     """``labels[j]`` belongs to sample ``index[j]`` of task ``task``; they must be valid class indices."""
-    if task.kind not in ("classification", "segmentation") or not len(labels):
+    if not task.spec.classes or not len(labels):
         return
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{where}: labels of task {task.name!r} must be integers, got dtype {labels.dtype}")

@@ -19,12 +19,10 @@ Fault injection (``MOLA_FAULT``, ``fault_point``) and the run-folder lock (``Run
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import random
-import secrets
 import warnings
 from pathlib import Path
 from typing import Any, cast
@@ -40,6 +38,7 @@ from mola.engine.runfolder import LOCK_NAME as LOCK_NAME
 from mola.engine.runfolder import RunLock as RunLock
 from mola.engine.runfolder import RunLockedError as RunLockedError
 from mola.engine.runfolder import fault_point
+from mola.files import tensors_sha256, write_bytes
 
 FORMAT = "mola-checkpoint"
 VERSION = "2"
@@ -79,67 +78,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # -------------------------------------------------------------------------------------- atomic writes
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some filesystems/platforms cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_name(path: Path) -> Path:
-    """A fresh hidden temp name next to ``path`` (``remove_stale_temp_files`` finds leftovers by the pattern)."""
-    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-
-
 def atomic_write_bytes(data: bytes, path: Path, keep_previous: Path | None = None, fault: str | None = None) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename: never half-written.
-
-    With ``keep_previous``, an existing ``path`` is first hard-linked (copied where links are not supported)
-    to that name, so the old content survives the replacement and ``path`` never disappears. ``fault`` names
-    this write's fault-injection points (``<fault>.tmp_written`` ...)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(_temp_name(path))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any new file
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if fault:
-            fault_point(f"{fault}.tmp_written")
-        if keep_previous is not None and path.exists():
-            _preserve(path, Path(keep_previous))
-            if fault:
-                fault_point(f"{fault}.prev_kept")
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if fault:
-            fault_point(f"{fault}.written")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _preserve(src: Path, dst: Path) -> None:
-    """Make ``dst`` hold the current content of ``src`` (atomically replacing any old ``dst``)."""
-    tmp = str(_temp_name(dst))
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                fout.write(fin.read())
-                fout.flush()
-                os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """``mola.files.write_bytes`` (temp file + fsync + rename, ``keep_previous`` kept first) with this write's
+    fault-injection points ``<fault>.tmp_written``, ``<fault>.prev_kept`` and ``<fault>.written``."""
+    write_bytes(data, path, keep_previous=keep_previous,
+                on_step=(lambda step: fault_point(f"{fault}.{step}")) if fault else None)
 
 
 def remove_stale_temp_files(run_or_dir: str | Path) -> list[Path]:
@@ -202,14 +145,7 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def _digest(skeleton: str, tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(skeleton.encode())
-    for key in sorted(tensors):
-        t = tensors[key]
-        h.update(f"\0{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        if t.numel():
-            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
+_digest = tensors_sha256  # the checksum stored in (and verified against) a checkpoint's metadata
 
 
 def checkpoint_bytes(state: dict[str, Any]) -> bytes:

@@ -18,7 +18,7 @@ from mola.models.base import ModelConfig
 
 @dataclass
 class OptimConfig:
-    """Optimizer and schedule; "auto" picks the paper's per-scenario default (method.md §11)."""
+    """Optimizer and schedule; "auto" picks the paper's per-scenario default (docs/paper.md)."""
 
     name: Literal["auto", "sgd", "adam", "adamw"] = "auto"  # auto: domain AdamW, multi-input SGD, single-input Adam
     lr: float | None = None  # null: the scenario default (domain 1e-4, multi-input 0.05, single-input 1e-4)
@@ -52,8 +52,10 @@ class TrainConfig:
     max_consecutive_skips: int = 3  # on_nonfinite=skip: this many skipped steps in a row stop the run
     on_nonfinite_metric: Literal["stop", "drop"] = "stop"  # NaN/inf val metric: stop, or drop task from selection
     checkpoint_every_steps: int | None = None  # also write the `last` checkpoint every N steps (null: per epoch)
-    progress: bool = True  # show a progress bar
-    log_every_steps: int = 50  # steps between reads of the running losses/method outputs (progress bar, TensorBoard)
+    progress: bool = True  # show a progress bar (epoch i/N, step, running loss); the per-epoch line prints anyway
+    log_every_steps: int = 10  # steps between reads of the running losses/method outputs (progress bar, TensorBoard)
+    #: stop when the selection score has not improved for this many epochs (null: train every epoch)
+    early_stopping: int | None = None
     tensorboard: bool = True  # write TensorBoard events to RUN_DIR/tb
     log_conflict_every: int | None = None  # epochs between task-conflict measurements (metrics.csv, TensorBoard)
     conflict_batches: int = 4  # K batches of each conflict measurement during training (docs/conflict.md)
@@ -122,23 +124,71 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
             base[k] = v
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+"""The configs/ folder of the checkout mola is installed from (editable installs); ``--config NAME`` looks here."""
+
+
+def config_folders() -> list[Path]:
+    """Where ``--config NAME`` looks: ./configs, then the checkout's configs/ (and their paper/ folders)."""
+    out: list[Path] = []
+    for base in (Path("configs"), SHIPPED_CONFIGS):
+        for d in (base, base / "paper"):
+            if d.is_dir() and d.resolve() not in [o.resolve() for o in out]:
+                out.append(d)
+    return out
+
+
+def find_config(path: str | Path) -> Path:
+    """``path`` if it is a file, else a config found by name (``demo``, ``demo.yaml``, ``paper/vlcs_grad``) in
+    ``config_folders()``; a FileNotFoundError lists close names, a ValueError says ``path`` is a folder or
+    not a regular file."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if not p.is_absolute():
+        stem = p if p.suffix in (".yaml", ".yml") else p.with_name(p.name + ".yaml")
+        for folder in config_folders():
+            if (folder / stem).is_file():
+                return folder / stem
+        if stem.parts[:1] == ("configs",) and (SHIPPED_CONFIGS.parent / stem).is_file():
+            return SHIPPED_CONFIGS.parent / stem  # configs/x.yaml of the checkout, from another folder
+    if p.is_dir():
+        inside = sorted(f.name for f in p.glob("*.y*ml"))[:5]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise ValueError(f"config file {p} is a folder, not a YAML file{hint}; give the path of a .yaml file")
+    if p.exists():
+        raise ValueError(f"config file {p} is not a regular file; give the path of a .yaml file")
+    near = sorted(f.name for f in p.parent.glob("*.y*ml")) if p.parent.is_dir() else []
+    named = sorted({f.stem for d in config_folders() for f in d.glob("*.yaml")})
+    close = [str(p.parent / c) for c in difflib.get_close_matches(p.name, near, n=3)]
+    close += difflib.get_close_matches(p.stem, named, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise FileNotFoundError(f"config file not found: {p}.{hint} (`mola list` shows the shipped config names)")
+
+
+def _root_from_file(data: dict[str, Any], config: Path) -> None:
+    """A relative ``data.root`` in a config file is relative to the file's folder (so shipped configs work from
+    any folder); a root that exists only relative to the working folder (older configs) is kept as it is."""
+    section = data.get("data")
+    if not isinstance(section, dict):
+        return
+    root = section.get("root")
+    if not isinstance(root, str) or not root or Path(root).expanduser().is_absolute():
+        return
+    beside = config.parent / root
+    if beside.exists() or not Path(root).exists():
+        section["root"] = str(beside.resolve()) if beside.exists() else str(beside)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
-                arch: str | None = None, weighting: str | None = None, method: str | None = None) -> RunConfig:
-    """Read a YAML run config, apply CLI shorthands and dotted overrides, and validate every key."""
+                arch: str | None = None, weighting: str | None = None, method: str | None = None,
+                root_from_file: bool = True) -> RunConfig:
+    """Read a YAML run config (a path, or a shipped config's name), apply CLI shorthands and dotted overrides,
+    and validate every key. A relative ``data.root`` in the file is relative to the file's folder
+    (``root_from_file=False``: kept as written, e.g. a run folder's stored config)."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if p.is_dir():
-            inside = sorted(f.name for f in p.glob("*.y*ml"))[:5]
-            hint = f" (it holds {', '.join(inside)})" if inside else ""
-            raise ValueError(f"config file {p} is a folder, not a YAML file{hint}; give the path of a .yaml file")
-        if p.exists() and not p.is_file():
-            raise ValueError(f"config file {p} is not a regular file; give the path of a .yaml file")
-        if not p.is_file():
-            near = sorted(f.name for f in p.parent.glob("*.y*ml")) if p.parent.is_dir() else []
-            close = difflib.get_close_matches(p.name, near, n=3)
-            hint = f" Did you mean {', '.join(str(p.parent / c) for c in close)}?" if close else ""
-            raise FileNotFoundError(f"config file not found: {p}.{hint}")
+        p = find_config(path)
         try:
             loaded = safe_load_unique(p.read_text())
         except AliasBombError as err:
@@ -148,6 +198,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"config file {p} must hold a mapping at top level")
         data = loaded or {}
+        if root_from_file:
+            _root_from_file(data, p)
     if method in SHORTHANDS and arch not in (None, "mola"):
         raise ValueError(f"--method {method} implies --arch mola, not {arch}")
     if method is not None:
@@ -175,6 +227,7 @@ _RANGES: dict[str, tuple[float, bool, bool]] = {
     "model.backbone.width": (1, True, False), "model.head_hidden": (1, True, False),
     "train.epochs": (1, True, False), "train.max_steps_per_epoch": (1, True, True),
     "train.checkpoint_every_steps": (1, True, True), "train.max_consecutive_skips": (1, True, False),
+    "train.early_stopping": (1, True, True),
     "train.log_conflict_every": (1, True, True), "train.conflict_batches": (1, True, False),
     "optim.lr": (0, False, True), "optim.momentum": (0, True, False), "optim.weight_decay": (0, True, True),
     "optim.grad_clip": (0, False, True),

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
-from mola.data.base import ALL_TASKS, Scenario
 from mola.inject.targets import find_stages, resolve_targets
 from mola.layers import MoLALayer
+from mola.tasks import ALL_TASKS, Scenario
 
 ALL = "ALL"
 STAGE = "stage:"

@@ -31,8 +31,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from mola.data.base import TaskInfo
 from mola.engine.losses import task_loss_count
+from mola.metrics import Meter
+from mola.tasks import TaskInfo
 
 
 def env_world_size() -> int:
@@ -101,7 +102,8 @@ class DistContext:
     # -- losses and gradients -----------------------------------------------------------------------
     def global_losses(self, losses: dict[int, Tensor], targets: dict[int, Any],
                       tasks: list[TaskInfo]) -> dict[int, Tensor]:
-        """Per-task losses of the GLOBAL batch from this rank's per-task mean losses (one all-reduce).
+        """Per-task losses of the GLOBAL batch from this rank's per-task mean losses (one all-reduce, one host
+        read of its result together with this rank's counts).
 
         Each returned tensor has the global mean loss as its value (identical on every rank) and, as its
         gradient, the local mean's gradient times ``world_size * local count / global count``: DDP's average
@@ -120,8 +122,9 @@ class DistContext:
             stats[1, k] = torch.where(n > 0, value * n, torch.zeros_like(n))  # a mean over nothing adds nothing
             stats[2, k] = 1.0
             stats[3, k] = value
-        counts = {k: float(n) for k, n in enumerate(stats[0].tolist())}
-        stats = self.all_reduce_sum(stats).cpu()
+        both = torch.cat([self.all_reduce_sum(stats), stats[:1]]).cpu()  # one host read: global sums, local counts
+        stats = both[:4]
+        counts = {k: float(n) for k, n in enumerate(both[4].tolist())}
         anchor = next((v for k, v in losses.items() if counts[k] > 0), next(iter(losses.values())))
         out: dict[int, Tensor] = {}
         for k in range(len(tasks)):
@@ -160,29 +163,30 @@ class DistContext:
             offset += n
 
     # -- evaluation ---------------------------------------------------------------------------------
-    def merge_meters(self, meters: list[Any]) -> list[Any]:
-        """Every rank's metric meters merged (counts and tensors added, kept predictions concatenated in rank
-        order), identical on every rank; the inputs are left unchanged."""
+    def merge_meters(self, meters: list[Meter]) -> list[Meter]:
+        """Every rank's metric meters merged by their declared states (``Meter.add_state``), identical on every
+        rank: all "sum" states of all meters in one all-reduce, all "cat" states in one gather (concatenated in
+        rank order); the inputs are left unchanged."""
         if not self.enabled:
             return meters
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, meters)
-        merged = copy.deepcopy(gathered[0])
-        for other in gathered[1:]:
-            for mine, theirs in zip(merged, other, strict=True):
-                _merge_meter(mine, theirs)
+        merged = [copy.deepcopy(m) for m in meters]
+        sums = [(m, k) for m in merged for k, r in m.reductions().items() if r == "sum"]
+        values = [torch.as_tensor(getattr(m, k)) for m, k in sums]
+        if values:
+            flat = self.all_reduce_sum(torch.cat([v.detach().to("cpu", torch.float64).reshape(-1) for v in values]))
+            offset = 0
+            for (m, k), v in zip(sums, values, strict=True):
+                part = flat[offset:offset + v.numel()].reshape(v.shape).to(v.dtype)
+                offset += v.numel()
+                old = getattr(m, k)
+                setattr(m, k, part.to(old.device) if isinstance(old, Tensor) else type(old)(part.item()))
+        cats = [(m, k) for m in merged for k, r in m.reductions().items() if r == "cat"]
+        if cats:
+            gathered: list[Any] = [None] * self.world_size
+            dist.all_gather_object(gathered, [[t.cpu() for t in getattr(m, k)] for m, k in cats])
+            for i, (m, k) in enumerate(cats):
+                setattr(m, k, [t for rank in gathered for t in rank[i]])
         return merged
-
-
-def _merge_meter(mine: Any, theirs: Any) -> None:
-    for name, value in vars(theirs).items():
-        cur = getattr(mine, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float, Tensor, list)):
-            continue
-        if isinstance(value, list):
-            cur.extend(value)
-        else:
-            setattr(mine, name, cur + value)
 
 
 class _GatherRows(torch.autograd.Function):

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mola.data.base import TaskInfo
 from mola.engine.losses import split_targets, task_loss
+from mola.layers.routing import task_groups
 from mola.metrics import make_meter, mean_over_tasks
 from mola.models.base import MultiTaskModel
+from mola.tasks import TaskInfo
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -22,6 +23,21 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
     return batch
+
+
+def host_batch(model: MultiTaskModel, batch: Any, device: torch.device) -> tuple[Any, Any, Tensor]:
+    """``(x, y, t)`` moved to ``device``, with the batch's task groups (order and per-task counts) computed first,
+    while the task ids are still host (CPU) tensors, and handed to the model: its forward, its MoLA layers and
+    the per-task losses then need no device sync to size their per-task slices (docs/performance.md)."""
+    x, y, t = batch
+    groups = None
+    if not model.single_input and isinstance(t, Tensor) and t.device.type == "cpu":
+        model.check_inputs(x, t)  # the model's own error for bad ids, before bincount sees them
+        groups = task_groups(t, model.num_tasks)
+    x, y, t = to_device(x, device), to_device(y, device), to_device(t, device)
+    if groups is not None:
+        model.use_task_groups(t, (to_device(groups[0], device), groups[1]))
+    return x, y, t
 
 
 def forward_losses(model: MultiTaskModel, tasks: list[TaskInfo], x: Tensor, y: Any, t: Tensor,
@@ -53,8 +69,8 @@ def evaluate(model: MultiTaskModel, loader: Iterable[Any], tasks: list[TaskInfo]
     loss_sum = torch.zeros(len(tasks), dtype=torch.float32 if device.type == "mps" else torch.float64,
                            device=device)
     loss_n = torch.zeros(len(tasks), dtype=torch.float64)
-    for x, y, t in progress_bar(loader, desc, progress, unit="batch"):
-        x, y, t = to_device(x, device), to_device(y, device), to_device(t, device)
+    for batch in progress_bar(loader, desc, progress, unit="batch"):
+        x, y, t = host_batch(model, batch, device)
         outputs, losses, targets = forward_losses(model, tasks, x, y, t)
         for k, out in outputs.items():
             meters[k].update(out.float(), targets[k])

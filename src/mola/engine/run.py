@@ -16,11 +16,11 @@ from torch import Tensor, nn
 
 from mola.config_utils import from_dict
 from mola.data import build_scenario
-from mola.data.base import Scenario
 from mola.engine.checkpoint import CHECKPOINT_NAMES, checkpoint_path, load_checkpoint
 from mola.engine.config import RunConfig, apply_overrides, parse_override
 from mola.models import build_model
 from mola.models.base import MultiTaskModel
+from mola.tasks import Scenario
 
 LOAD_OVERRIDES = ("data.root", "data.eval_batch_size", "data.num_workers")
 """Config keys a loaded run may change (where the data lives and how it is read), never the model."""
@@ -59,6 +59,24 @@ def config_diff(saved: Any, now: Any, prefix: str = "") -> list[str]:
     if isinstance(saved, tuple) or isinstance(now, tuple):
         saved, now = (list(v) if isinstance(v, tuple) else v for v in (saved, now))
     return [] if saved == now else [f"{prefix[:-1]}: {saved!r} -> {now!r}"]
+
+
+def check_compatible(saved: dict[str, Any], now: dict[str, Any], where: str) -> list[str]:
+    """The one config-compatibility check of loading a checkpoint into a configured run (``saved``, ``now``: the
+    checkpoint's and this run's ``RunConfig.to_dict()``). A different data or model config is a ValueError
+    listing the differences; returns the changed train/optim settings that change the result (all but
+    ``RESUME_FREE_KEYS``), for the caller to warn about."""
+    saved_data = dict(saved.get("data") or {})
+    if isinstance(saved_data.get("root"), str):  # runs written before roots were stored absolute
+        saved_data["root"] = absolute_root(saved_data["root"])
+    diffs = config_diff({"data": saved_data, "model": saved.get("model")}, {k: now[k] for k in ("data", "model")})
+    if diffs:
+        sections = sorted({d.split(".", 1)[0] for d in diffs})
+        raise ValueError(f"checkpoint {where} was written with another {' and '.join(sections)} config; it "
+                         f"cannot be loaded here. Differences (checkpoint -> now): {'; '.join(diffs)}")
+    run_keys = ("train", "optim")
+    return [d for d in config_diff({k: saved.get(k) for k in run_keys}, {k: now[k] for k in run_keys})
+            if d.split(":", 1)[0] not in RESUME_FREE_KEYS]
 
 
 def absolute_root(root: str) -> str:
@@ -165,5 +183,5 @@ def load_run(run_or_file: str | os.PathLike[str], which: str = "best", device: s
     return LoadedRun(run_dir_of(path), path, cfg, scenario, target, state)
 
 
-__all__ = ["LOAD_OVERRIDES", "RESUME_FREE_KEYS", "LoadedRun", "absolute_root", "config_diff", "find_checkpoint",
-           "load_run", "load_tensors", "run_dir_of", "stored_config"]
+__all__ = ["LOAD_OVERRIDES", "RESUME_FREE_KEYS", "LoadedRun", "absolute_root", "check_compatible", "config_diff",
+           "find_checkpoint", "load_run", "load_tensors", "run_dir_of", "stored_config"]

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from mola.data.base import TaskInfo
 from mola.engine.config import RunConfig, TrainConfig
 from mola.metrics import HIGHER_IS_BETTER, delta_m, delta_p, make_meter, primary_metric
+from mola.tasks import TaskInfo
 
 INVALID_SELECTION = ("test_loss: NOT a valid protocol - the checkpoint was selected on the test split's loss "
                      "(as the paper's released code did), so its test scores are optimistic")
@@ -25,11 +25,16 @@ def selection_label(cfg: RunConfig) -> str:
     return INVALID_SELECTION if cfg.train.select_on == "test_loss" else f"val ({cfg.train.select_metric})"
 
 
-class NonFiniteLossError(RuntimeError):
-    """A task loss became NaN/inf; the message names the step, the task and the last good checkpoint."""
+class NonFiniteError(RuntimeError):
+    """A run produced NaN/inf (a loss, the weights or a validation metric); ``mola`` exits with status 3."""
 
 
-class NonFiniteMetricError(NonFiniteLossError):
+class NonFiniteLossError(NonFiniteError):
+    """A task loss (or the weights) became NaN/inf; the message names the step, the task and the last good
+    checkpoint."""
+
+
+class NonFiniteMetricError(NonFiniteError):
     """A validation loss or selection metric is NaN/inf; the message names the task, epoch, split and metric."""
 
 
@@ -98,7 +103,7 @@ def select_score(val: dict[str, dict[str, float]], tasks: list[TaskInfo], train:
 
 def deltas_against_single_task(test: dict[str, dict[str, float]], tasks: list[TaskInfo],
                                single_task_results: str) -> dict[str, Any]:
-    """``delta_m``/``delta_p`` of the test metrics against a single-task run's final.json (method.md)."""
+    """``delta_m``/``delta_p`` of the test metrics against a single-task run's final.json (docs/results.md)."""
     single = json.loads(Path(single_task_results).read_text())["test"]
     primary = {t.name: primary_metric(t) for t in tasks}
     mine = {n: {primary[n]: r[primary[n]]} for n, r in test.items()}
@@ -106,5 +111,5 @@ def deltas_against_single_task(test: dict[str, dict[str, float]], tasks: list[Ta
     return {"delta_m": delta_m(mine, ref), "delta_p": delta_p(mine, ref)}
 
 
-__all__ = ["INVALID_SELECTION", "NonFiniteLossError", "NonFiniteMetricError", "check_select_metric",
+__all__ = ["INVALID_SELECTION", "NonFiniteError", "NonFiniteLossError", "NonFiniteMetricError", "check_select_metric",
            "check_single_task_results", "deltas_against_single_task", "select_score", "selection_label"]

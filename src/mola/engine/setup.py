@@ -70,7 +70,7 @@ def resolve_device(name: str, what: str = "train.device") -> torch.device:
 
 def build_optimizer(cfg: RunConfig, params: list[nn.Parameter], heterogeneity: str,
                     steps_total: int, steps_per_epoch: int = 1) -> tuple[torch.optim.Optimizer, Any]:
-    """Per-scenario defaults (method.md §11): domain AdamW 1e-4, multi-input SGD 0.05 + cosine, single-input Adam.
+    """Per-scenario defaults (docs/paper.md): domain AdamW 1e-4, multi-input SGD 0.05 + cosine, single-input Adam.
     The scheduler steps once per optimizer step (``step``: every ``step_epochs * steps_per_epoch`` steps)."""
     o = cfg.optim
     defaults = {"domain": ("adamw", 1e-4, 1e-2, "none"), "multi_input": ("sgd", 0.05, 1e-4, "cosine"),

@@ -116,7 +116,7 @@ def _finished(sdir: Path, sub: RunConfig) -> dict[str, Any] | None:
     done = sdir / "final.json"
     if not done.is_file():
         return None
-    saved_cfg = load_config(sdir / "config.yaml")
+    saved_cfg = load_config(sdir / "config.yaml", root_from_file=False)
     diffs = [d for d in config_diff(saved_cfg.to_dict(), sub.to_dict()) if d.split(":", 1)[0] not in RESUME_FREE_KEYS
              and not d.startswith(("name:", "out_dir:"))]
     if diffs:

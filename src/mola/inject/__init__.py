@@ -10,8 +10,17 @@ from mola.inject.config import (
     check_mola_values,
 )
 from mola.inject.model import MoLAModel, build_router, find_mola_model, inject, router_groups, set_submodule
-from mola.inject.targets import PRESETS, find_stages, pattern_matches, rank_for, resolve_targets
+from mola.inject.targets import (
+    PRESETS,
+    candidate_text,
+    find_stage_groups,
+    find_stages,
+    pattern_matches,
+    rank_for,
+    resolve_targets,
+)
 
 __all__ = ["ADAPTER_WARN_FACTOR", "MAX_ADAPTER_GB", "PRESETS", "MoLAConfig", "MoLAModel", "RankTooLargeError",
-           "adapter_budget", "build_router", "check_mola_values", "find_mola_model", "find_stages", "inject",
+           "adapter_budget", "build_router", "candidate_text", "check_mola_values", "find_mola_model",
+           "find_stage_groups", "find_stages", "inject",
            "pattern_matches", "rank_for", "resolve_targets", "router_groups", "set_submodule"]

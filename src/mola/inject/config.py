@@ -16,7 +16,7 @@ from mola.inject.targets import rank_for
 
 @dataclass
 class MoLAConfig:
-    """Where MoLA goes and how it mixes: the single source of MoLA defaults (method.md §2-5, §11)."""
+    """Where MoLA goes and how it mixes: the single source of MoLA defaults (docs/concepts.md, docs/paper.md)."""
 
     mode: Literal["grad", "router"] = "grad"  # grad: task id picks the adapter; router: a router mixes them per input
     num_experts: int = 0  # E adapters per layer; 0 in a run config: the number of tasks (inject needs >= 1)

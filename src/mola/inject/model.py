@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import warnings
@@ -15,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mola.files import atomic_write
+from mola.files import atomic_write, tensors_sha256
 from mola.inject.config import ADAPTER_WARN_FACTOR, MAX_ADAPTER_GB, MoLAConfig, adapter_budget
-from mola.inject.targets import find_stages, rank_for, resolve_targets
+from mola.inject.targets import find_stage_groups, rank_for, resolve_targets
 from mola.layers import Lift, MLPRouter, MoLAConv2d, MoLALayer, MoLALinear, Router, Routing, twd_loss
 from mola.layers.routing import check_task_ids
 
@@ -170,6 +169,18 @@ class MoLAModel(nn.Module):
         return {"backbone": backbone, "adapters": adapters, "router": router, "lift": lift,
                 "total": backbone + adapters + router + lift}
 
+    def freeze_backbone(self) -> None:
+        """Train only the adapters, router and lift: every other weight of the wrapped model gets
+        ``requires_grad=False`` (peft's default for LoRA; MoLA trains all by default, as the paper)."""
+        mine = {id(p) for p in self.adapter_parameters().values()}
+        for p in self.model.parameters():
+            if id(p) not in mine:
+                p.requires_grad_(False)
+
+    def print_trainable_parameters(self) -> None:
+        """Print trainable and total parameter counts (peft's method of the same name)."""
+        print(trainable_parameters_line(self))
+
     # -- save / load ----------------------------------------------------------------------------------
     def _adapter_state(self) -> dict[str, Tensor]:
         state = {k: v.detach() for k, v in self.adapter_parameters().items()}
@@ -193,38 +204,13 @@ class MoLAModel(nn.Module):
         tensors = {k: v.cpu().contiguous().clone() for k, v in self._adapter_state().items()}
         config = json.dumps(self._meta_config())
         meta = {"format": "mola-adapters", "mola_version": __version__, "config": config,
-                "sha256": _adapter_digest(config, tensors)}
+                "sha256": tensors_sha256(config, tensors)}
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load_adapters(self, path: str | os.PathLike[str]) -> None:
         """Load a file written by ``save_adapters``; another config, missing or extra tensors are ValueErrors."""
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"adapter file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise ValueError(f"corrupt or unreadable adapter file {path}: {err}") from err
-        if meta.get("format") != "mola-adapters" or "config" not in meta:
-            raise ValueError(f"{path} is not a mola adapter file (no mola metadata)")
-        if "sha256" not in meta:
-            warnings.warn(f"adapter file {path} has no checksum (written by an older mola); its content cannot be "
-                          "verified", RuntimeWarning, stacklevel=2)
-        elif _adapter_digest(meta["config"], tensors) != meta["sha256"]:
-            raise ValueError(f"corrupt adapter file {path}: the sha256 of its content does not match the one "
-                             "recorded when it was written")
-        try:
-            saved = json.loads(meta["config"])
-        except json.JSONDecodeError as err:
-            raise ValueError(f"adapter file {path}: its 'config' metadata is not valid JSON ({err}); re-export the "
-                             "adapters with save_adapters") from err
-        if not isinstance(saved, dict):
-            raise ValueError(f"adapter file {path}: its 'config' metadata must be a JSON object, got "
-                             f"{type(saved).__name__}; re-export the adapters with save_adapters")
+        saved, tensors = _read_adapter_file(path)
         mine = json.loads(json.dumps(self._meta_config()))
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
@@ -276,15 +262,44 @@ class MoLAModel(nn.Module):
         return out
 
 
-def _adapter_digest(config: str, tensors: dict[str, Tensor]) -> str:
-    """sha256 of an adapter file's config string and every tensor's key, dtype, shape and bytes."""
-    h = hashlib.sha256(config.encode())
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        h.update(f"\0{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
+def _read_adapter_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The saved MoLA config and the tensors of a file written by ``MoLAModel.save_adapters``; a missing, corrupt
+    or foreign file, a checksum mismatch or a config that is not a JSON object is an error naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"corrupt or unreadable adapter file {path}: {err}") from err
+    if meta.get("format") != "mola-adapters" or "config" not in meta:
+        raise ValueError(f"{path} is not a mola adapter file (no mola metadata)")
+    if "sha256" not in meta:
+        warnings.warn(f"adapter file {path} has no checksum (written by an older mola); its content cannot be "
+                      "verified", RuntimeWarning, stacklevel=3)
+    elif tensors_sha256(meta["config"], tensors) != meta["sha256"]:
+        raise ValueError(f"corrupt adapter file {path}: the sha256 of its content does not match the one "
+                         "recorded when it was written")
+    try:
+        saved = json.loads(meta["config"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"adapter file {path}: its 'config' metadata is not valid JSON ({err}); re-export the "
+                         "adapters with save_adapters") from err
+    if not isinstance(saved, dict):
+        raise ValueError(f"adapter file {path}: its 'config' metadata must be a JSON object, got "
+                         f"{type(saved).__name__}; re-export the adapters with save_adapters")
+    return saved, tensors
+
+
+def trainable_parameters_line(model: nn.Module) -> str:
+    """``trainable params: N || all params: M || trainable%: P``, peft's format."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    share = 100 * trainable / max(total, 1)
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -298,7 +313,7 @@ def _first(model: nn.Module, kind: type[_M]) -> _M | None:
 
 
 def build_router(model: nn.Module, config: MoLAConfig) -> nn.Module:
-    """The shared router for ``model``: residual net on images, MLP on feature inputs (method.md §4)."""
+    """The shared router for ``model``: residual net on images, MLP on feature inputs (docs/concepts.md)."""
     kind = config.router_type
     conv = _first(model, nn.Conv2d)
     if kind == "auto":
@@ -334,12 +349,13 @@ def router_groups(model: nn.Module, names: list[str], sharing: str) -> dict[str,
     if sharing != "per_stage":
         raise ValueError(f"router_sharing={sharing!r}; expected one of ['shared', 'per_stage', 'per_layer']")
     try:
-        prefixes, _ = find_stages(model)
+        stages, _ = find_stage_groups(model)
     except ValueError as err:
         raise ValueError(f"router_sharing='per_stage' needs the model's stages: {err}") from err
+    prefixes = [g[0] for g in stages]
     groups: dict[str, list[str]] = {}
     for n in names:
-        stage = next((p for p in prefixes if n == p or n.startswith(p + ".")), None)
+        stage = next((g[0] for g in stages if any(n == p or n.startswith(p + ".") for p in g)), None)
         if stage is None:
             raise ValueError(f"router_sharing='per_stage': MoLA layer {n!r} is in no backbone stage {prefixes}; "
                              "use router_sharing 'shared' or 'per_layer'")
@@ -355,7 +371,9 @@ def inject(model: nn.Module, config: MoLAConfig, *, max_adapter_gb: float | None
     if not isinstance(config, MoLAConfig):
         raise ValueError(f"inject expects a MoLAConfig, got {type(config).__name__}")
     if config.num_experts < 1:
-        raise ValueError(f"MoLAConfig.num_experts must be >= 1 (E = number of tasks), got {config.num_experts}")
+        raise ValueError(f"MoLAConfig.num_experts={config.num_experts}: inject needs the number of adapters E "
+                         "(usually the number of tasks), e.g. MoLAConfig(num_experts=3); 0, the default, means "
+                         "'one per task' only in a run config, where mola knows the tasks")
     if any(isinstance(m, MoLALayer) for m in model.modules()):
         raise ValueError("model already contains MoLA layers; inject into the original model once")
     names = resolve_targets(model, config.target_modules)

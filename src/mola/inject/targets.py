@@ -6,7 +6,9 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 PRESETS = ("last_stage", "all_stages")
@@ -20,31 +22,112 @@ def pattern_matches(pattern: str, name: str) -> bool:
 
 
 STAGE_CONTAINERS = {"encoder.layers": "mlp", "blocks": "mlp", "transformer.resblocks": "mlp", "layers": "mlp",
-                    "stages": "conv"}
-"""Module lists that hold a backbone's stages (torchvision/timm ViTs, CLIP, Swin; timm ConvNets) and what the
-``last_stage``-style presets wrap in them."""
+                    "stages": "conv", "features": "any"}
+"""Module lists that hold a backbone's stages (torchvision/timm ViTs, CLIP, Swin; timm ConvNets; torchvision
+MobileNet/EfficientNet/ConvNeXt/VGG ``features``) and what the ``last_stage``-style presets wrap in them."""
+
+RESOLUTION_CONTAINERS = ("features", "blocks")
+"""Containers whose children are grouped into stages by the resolution of their output feature maps (a stage
+ends where the map shrinks), the rule timm's ``feature_info`` encodes; token models (ViT blocks) keep one
+child per stage."""
+
+PROBE_SIZE = 64
+"""Side of the zero image run through a model once to read its children's output resolutions."""
 
 
-def find_stages(model: nn.Module) -> tuple[list[str], str]:
-    """Stage prefixes of a known backbone and what to wrap in them ('conv', 'mlp' or 'any'): the one stage
-    detection of the package (inject presets, timm backbones). ValueError for an unknown layout."""
+def _group_by_resolution(model: nn.Module, container: nn.Module, prefix: str) -> list[list[str]] | None:
+    """Children of ``container`` grouped into runs of equal output resolution (one forward of a zero image of
+    ``PROBE_SIZE`` px, in eval mode, without gradients); None when a child's output is not a feature map or
+    the model does not run on such an image."""
+    children = list(container.named_children())
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None or not children:
+        return None
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, first.in_channels, PROBE_SIZE, PROBE_SIZE,
+                    device=param.device if param is not None else None,
+                    dtype=param.dtype if param is not None and param.is_floating_point() else None)
+    sizes: dict[str, tuple[int, ...] | None] = {}
+    hooks = [m.register_forward_hook(
+        lambda _m, _i, out, n=n: sizes.__setitem__(n, tuple(out.shape[-2:]) if isinstance(out, torch.Tensor)
+                                                   and out.dim() == 4 else None)) for n, m in children]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    except Exception:  # noqa: BLE001 - a model that needs other inputs simply has no resolution stages
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    if len(sizes) != len(children) or any(v is None for v in sizes.values()):
+        return None
+    groups: list[list[str]] = []
+    last: tuple[int, ...] | None = None
+    for n, _ in children:
+        if sizes[n] != last:
+            groups.append([])
+            last = sizes[n]
+        groups[-1].append(f"{prefix}.{n}")
+    return groups
+
+
+def find_stage_groups(model: nn.Module) -> tuple[list[list[str]], str]:
+    """The backbone's stages, each a list of module prefixes, and what to wrap in them ('conv', 'mlp' or
+    'any'): ``mola_stages`` of the model, torchvision ResNets' layer1..4, the known stage containers (CNN
+    feature stacks grouped by output resolution). ValueError listing the candidate layers otherwise."""
     custom = getattr(model, "mola_stages", None)
     if custom is not None:
-        return list(custom), getattr(model, "mola_stage_modules", "any")
+        return [[c] if isinstance(c, str) else list(c) for c in custom], getattr(model, "mola_stage_modules", "any")
     names = dict(model.named_modules())
     if all(f"layer{i}" in names for i in (1, 2, 3)):
-        return [f"layer{i}" for i in range(1, 5) if f"layer{i}" in names], "conv"
+        return [[f"layer{i}"] for i in range(1, 5) if f"layer{i}" in names], "conv"
     for container, kind in STAGE_CONTAINERS.items():
         mod = names.get(container)
-        if isinstance(mod, (nn.Sequential, nn.ModuleList)) and len(mod) > 0:
-            return [f"{container}.{n}" for n, _ in mod.named_children()], kind
+        if not (isinstance(mod, (nn.Sequential, nn.ModuleList)) and len(mod) > 0):
+            continue
+        if container in RESOLUTION_CONTAINERS and isinstance(mod, nn.Sequential):
+            groups = _group_by_resolution(model, mod, container)
+            if groups is not None:
+                return groups, "any"
+        if container == "features":
+            continue
+        return [[f"{container}.{n}"] for n, _ in mod.named_children()], kind
     raise ValueError(
-        f"target_modules presets {PRESETS} know torchvision/timm ResNets and ViTs and models with a "
-        f"`mola_stages` attribute; {type(model).__name__} is none of these: pass a list of module names"
+        f"target_modules presets {list(PRESETS)} know torchvision/timm ResNets, CNN feature stacks and ViTs and "
+        f"models with a `mola_stages` attribute; {type(model).__name__} is none of these: name the layers "
+        f"instead (a name, 're:<regex>' or a list). {candidate_text(model)}"
     )
 
 
-def _select_stages(prefixes: list[str], preset: str, kind: str) -> list[str]:
+def find_stages(model: nn.Module) -> tuple[list[str], str]:
+    """Module prefixes of the backbone's stages in order (``find_stage_groups`` flattened) and what to wrap."""
+    groups, kind = find_stage_groups(model)
+    return [p for g in groups for p in g], kind
+
+
+def candidate_text(model: nn.Module, limit: int = 40) -> str:
+    """The Conv2d/Linear layers MoLA can wrap, as one sentence for error messages."""
+    layers = [f"{n} ({type(m).__name__})" for n, m in _wrappable(model).items()]
+    more = f", ... ({len(layers) - limit} more; `mola layers --config CFG` lists them all)" if len(layers) > limit \
+        else ""
+    return f"Candidate layers: {', '.join(layers[:limit])}{more}." if layers else "It has no Conv2d/Linear layer."
+
+
+def is_preset(target: str) -> bool:
+    """True for the stage presets (last_stage, all_stages, stages:i,j); other strings are module patterns."""
+    return target in PRESETS or target.startswith("stages:")
+
+
+def _select_stages(groups: Sequence[list[str]], preset: str, kind: str) -> list[str]:
+    prefixes = [p for g in _select_groups(list(groups), preset, kind) for p in g]
+    return prefixes
+
+
+def _select_groups(prefixes: list[list[str]], preset: str, kind: str) -> list[list[str]]:
     if preset == "all_stages":
         return prefixes
     if preset == "last_stage":
@@ -72,31 +155,45 @@ def _wrappable(model: nn.Module) -> dict[str, nn.Module]:
 def resolve_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
     """Qualified names of the modules ``target_modules`` selects, in model order; errors name the problem."""
     wrappable = _wrappable(model)
+    if isinstance(target_modules, str) and not is_preset(target_modules):
+        target_modules = [target_modules]  # one module name or "re:" pattern
     if isinstance(target_modules, str):
-        prefixes, kind = find_stages(model)
-        chosen = _select_stages(prefixes, target_modules, kind)
-        out = []
-        for n, m in wrappable.items():
-            if not any(n.startswith(p + ".") for p in chosen):
-                continue
-            if kind == "conv" and not isinstance(m, nn.Conv2d):
-                continue
-            if kind == "mlp" and not (isinstance(m, nn.Linear) and ".mlp." in f".{n}."):
-                continue
-            out.append(n)
-        if not out:
-            raise ValueError(f"target_modules preset {target_modules!r} selected no module in {type(model).__name__}")
-        return out
+        return _preset_targets(model, target_modules, wrappable)
     if not isinstance(target_modules, (list, tuple)) or not target_modules:
         raise ValueError(f"target_modules must be a preset string or a non-empty list, got {target_modules!r}")
+    return _pattern_targets(model, list(target_modules), wrappable)
+
+
+def _preset_targets(model: nn.Module, preset: str, wrappable: dict[str, nn.Module]) -> list[str]:
+    """The wrappable modules of the stages a preset (``last_stage``, ``stages:1,3``, ...) selects."""
+    groups, kind = find_stage_groups(model)
+    chosen = _select_stages(groups, preset, kind)
+    out = []
+    for n, m in wrappable.items():
+        if not any(n.startswith(p + ".") for p in chosen):
+            continue
+        if kind == "conv" and not isinstance(m, nn.Conv2d):
+            continue
+        if kind == "mlp" and not (isinstance(m, nn.Linear) and ".mlp." in f".{n}."):
+            continue
+        out.append(n)
+    if not out:
+        raise ValueError(f"target_modules preset {preset!r} selected no module in "
+                         f"{type(model).__name__} (stages {chosen}). {candidate_text(model)}")
+    return out
+
+
+def _pattern_targets(model: nn.Module, patterns: list[str], wrappable: dict[str, nn.Module]) -> list[str]:
+    """The modules that peft-style names / ``re:`` patterns match; each must match and be wrappable."""
     all_names = [n for n, _ in model.named_modules() if n]
     selected: dict[str, None] = {}
-    for pat in target_modules:
+    for pat in patterns:
         hits = [n for n in all_names if pattern_matches(pat, n)]
         if not hits:
             close = difflib.get_close_matches(pat, list(wrappable), n=3)
             hint = f" Close names: {close}." if close else ""
-            raise ValueError(f"target pattern {pat!r} matched no module of {type(model).__name__}.{hint}")
+            raise ValueError(f"target pattern {pat!r} matched no module of {type(model).__name__}.{hint} "
+                             f"{candidate_text(model)} (Stage presets: {', '.join(PRESETS)}, 'stages:1,3'.)")
         for n in hits:
             if n not in wrappable:
                 mod = model.get_submodule(n)

@@ -1,6 +1,6 @@
 """Shared machinery of MoLA layers: adapter bookkeeping, routing checks and the three compute paths.
 
-A subclass provides ``delta_weights`` (the exact dW_e of method.md §2), ``_op`` (the wrapped op with a given
+A subclass provides ``delta_weights`` (the exact dW_e of docs/concepts.md), ``_op`` (the wrapped op with a given
 weight) and ``_dense_delta`` (the cheapest exact evaluation of sum_e w_b,e f(x_b; dW_e)).
 """
 

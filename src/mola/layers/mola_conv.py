@@ -1,4 +1,4 @@
-"""MoLAConv2d: an ``nn.Conv2d`` with E low-rank adapters in the kernel or factorized layout (method.md §2)."""
+"""MoLAConv2d: an ``nn.Conv2d`` with E low-rank adapters in the kernel or factorized layout (docs/concepts.md)."""
 
 from __future__ import annotations
 

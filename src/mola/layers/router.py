@@ -1,4 +1,4 @@
-"""The shared router (method.md §4) and the lift to TwD codes (method.md §5)."""
+"""The shared router and the lift to TwD codes (docs/concepts.md)."""
 
 from __future__ import annotations
 

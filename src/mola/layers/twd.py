@@ -1,4 +1,4 @@
-"""Task-wise Decorrelation loss (method.md §5): supervised-contrastive loss on router codes, tasks as labels."""
+"""Task-wise Decorrelation loss (docs/concepts.md): supervised-contrastive loss on router codes, tasks as labels."""
 
 from __future__ import annotations
 

@@ -87,7 +87,8 @@ class Method(nn.Module):
         self.num_tasks = num_tasks
 
     def combine(self, losses: dict[int, Tensor], ctx: StepContext) -> Tensor:
-        """One scalar to back-propagate: the plain sum of the present tasks' losses by default (method.md §6)."""
+        """One scalar to back-propagate: the plain sum of the present tasks' losses by default
+        (docs/methods/weighting.md)."""
         return torch.stack(list(losses.values())).sum()
 
     def backward(self, losses: dict[int, Tensor], ctx: StepContext) -> Mapping[str, Tensor | float]:

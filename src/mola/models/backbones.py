@@ -11,15 +11,16 @@ to other channel counts (1 channel: the sum of the RGB filters, as timm does). L
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mola.inject import find_stages
+from mola.inject import find_stage_groups
 from mola.layers.router import BasicBlock
 from mola.models.weights import load_weights
 from mola.registry import Registry
@@ -41,15 +42,88 @@ class BackboneConfig:
     weights: str | None = None
     strict: bool = True  # weights must fit the backbone (no missing/unexpected/mis-shaped key); false: load the rest
     dilated: bool | None = None  # keep resolution in the last stages (null: only for dense tasks)
-    small_input: bool | None = None  # ResNet 3x3 stem without max-pool (null: when the input side <= 64)
+    #: ResNet/ShuffleNet 3x3 stride-1 stem without max-pool; null: when the input side <= 64 and no weights are
+    #: loaded (pretrained weights keep the stem they were trained with)
+    small_input: bool | None = None
     width: int = 32  # small_cnn base width; mlp hidden sizes 16w, 8w; vit_small dim 4w
     #: builder options: mlp {hidden, dropout, norm: batch|none}; vit_small {patch, dim, depth, heads, mlp_ratio};
     #: timm:<name> keyword arguments of timm.create_model
     options: dict[str, Any] = field(default_factory=dict)
 
 
+@runtime_checkable
+class Backbone(Protocol):
+    """What a backbone builder returns (docs/own_model.md): an ``nn.Module`` whose forward maps inputs to features,
+    a map (B, C, h, w) or a vector (B, C), with
+
+    - ``out_dim`` (int): C, the feature size the task heads read;
+    - optionally ``mola_stages`` (module names): the stages the MoLA presets (``model.mola.targets``) and
+      cross-stitch units address, when the default stage search cannot find them;
+    - optionally ``fixed_input_size`` (bool): True when the backbone takes only its built input size (MLP, ViT).
+    """
+
+    out_dim: int
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
+def check_backbone(net: Any, name: str) -> nn.Module:
+    """``net`` if it fulfils ``Backbone``; otherwise a TypeError naming backbone ``name``, the missing or bad
+    attribute and the fix."""
+    fix = f"backbone {name!r} built a {type(net).__name__}"
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"{fix}, not a torch.nn.Module; a backbone builder must return one (docs/own_model.md)")
+    out_dim = getattr(net, "out_dim", None)
+    if not isinstance(out_dim, int) or isinstance(out_dim, bool) or out_dim <= 0:
+        raise TypeError(f"{fix} without a positive int `out_dim` (got {out_dim!r}): set self.out_dim to the feature "
+                        "size its forward returns (docs/own_model.md)")
+    stages = getattr(net, "mola_stages", None)
+    if stages is not None:
+        names = dict(net.named_modules())
+        listed = [stages] if isinstance(stages, str) else list(stages)
+        bad = [s for s in listed if not isinstance(s, str) or s not in names or isinstance(stages, str)]
+        if bad:
+            raise TypeError(f"{fix} whose `mola_stages` names no submodule: {bad}; list its stage modules' names")
+    fixed = getattr(net, "fixed_input_size", False)
+    if not isinstance(fixed, bool):
+        raise TypeError(f"{fix} whose `fixed_input_size` is {fixed!r}, not a bool")
+    return net
+
+
 BackboneBuilder = Callable[[tuple[int, ...], BackboneConfig, bool], nn.Module]
-BACKBONES: Registry[BackboneBuilder] = Registry("backbone")
+
+
+class BackboneRegistry(Registry[BackboneBuilder]):
+    """The backbone registry: a builder registered here has every module it builds checked against the
+    ``Backbone`` protocol (``check_backbone``), so a missing ``out_dim`` fails at build time with its name."""
+
+    def register(self, name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
+        add = super().register(name)
+
+        def deco(builder: BackboneBuilder) -> BackboneBuilder:
+            if not callable(builder):
+                raise TypeError(f"backbone {name!r}: register a builder (input_shape, cfg, dense) -> nn.Module, "
+                                f"got {type(builder).__name__}")
+
+            @functools.wraps(builder)
+            def checked(input_shape: tuple[int, ...], cfg: BackboneConfig, dense: bool) -> nn.Module:
+                return check_backbone(builder(input_shape, cfg, dense), name)
+
+            add(checked)
+            return builder
+
+        return deco
+
+
+BACKBONES: BackboneRegistry = BackboneRegistry("backbone")
+
+
+def auto_small_input(input_shape: tuple[int, ...], cfg: BackboneConfig) -> bool:
+    """``cfg.small_input``, or (null) True for inputs of side <= 64 without weights: a pretrained stem is kept,
+    since the weights only fit the shape they were trained with."""
+    if cfg.small_input is not None:
+        return cfg.small_input
+    return min(input_shape[1:]) <= 64 and not cfg.weights
 
 
 class ResNetBackbone(nn.Module):
@@ -89,7 +163,7 @@ def _resnet(depth: int) -> BackboneBuilder:
         if len(input_shape) != 3:
             raise ValueError(f"resnet{depth} needs image inputs (C, H, W), got input shape {input_shape}")
         dilated = dense if cfg.dilated is None else cfg.dilated
-        small = min(input_shape[1:]) <= 64 if cfg.small_input is None else cfg.small_input
+        small = auto_small_input(input_shape, cfg)
         ctor = getattr(torchvision.models, f"resnet{depth}")
         if depth >= 50:
             net = ctor(weights=None, replace_stride_with_dilation=[False, dilated, dilated])
@@ -144,7 +218,7 @@ def _shufflenet(input_shape: tuple[int, ...], cfg: BackboneConfig, dense: bool) 
         raise ValueError(f"shufflenet_v2_x1_0 needs image inputs (C, H, W), got input shape {input_shape}")
     if cfg.dilated:
         raise ValueError("shufflenet_v2_x1_0 has no dilated variant (model.backbone.dilated must be null/false)")
-    small = min(input_shape[1:]) <= 64 if cfg.small_input is None else cfg.small_input
+    small = auto_small_input(input_shape, cfg)
     backbone = ShuffleNetV2Backbone(torchvision.models.shufflenet_v2_x1_0(weights=None), input_shape[0], small)
     load_weights(backbone, cfg, "shufflenet_v2_x1_0")
     return backbone
@@ -360,10 +434,10 @@ class TimmBackbone(nn.Module):
         self.dense = dense
         self.output = "map" if dense else "vector"
         try:
-            prefixes, kind = find_stages(net)
+            groups, kind = find_stage_groups(net)
         except ValueError:  # no known stage layout: target_modules must then name modules
-            prefixes, kind = [], "any"
-        self.mola_stages = [f"net.{p}" for p in prefixes]
+            groups, kind = [], "any"
+        self.mola_stages = [[f"net.{p}" for p in g] for g in groups]
         self.mola_stage_modules = kind
 
     def forward(self, x: Tensor) -> Tensor:
@@ -392,7 +466,7 @@ def build_backbone(cfg: BackboneConfig, input_shape: tuple[int, ...], dense: boo
             raise FileNotFoundError(_timm_offline_message(cfg.name[5:], err)) from None
         if cfg.weights and not pretrained:
             load_weights(net, cfg, None)
-        return TimmBackbone(net, dense)
+        return check_backbone(TimmBackbone(net, dense), cfg.name)
     return BACKBONES.get(cfg.name)(tuple(input_shape), cfg, dense)
 
 
@@ -406,6 +480,7 @@ def _timm_offline_message(model: str, err: Exception) -> str:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return (f"timm pretrained weights for {model!r}: model.safetensors of the Hugging Face repo {repo} is not in "
             f"the cache {constants.HF_HUB_CACHE} and could not be downloaded ({first}); on a machine with network "
-            f"run `huggingface-cli download {repo}` and copy its cache folder models--{repo.replace('/', '--')} "
+            f"run `python -c \"from huggingface_hub import snapshot_download; snapshot_download('{repo}')\"` (any "
+            f"huggingface_hub version) and copy its cache folder models--{repo.replace('/', '--')} "
             "into that cache (HF_HOME sets its root; HF_HUB_OFFLINE=1 reads it without network), or set "
             "model.backbone.weights to a local state-dict file")

@@ -16,12 +16,13 @@ from typing import Any, Literal, Protocol
 from torch import Tensor, nn
 
 from mola.config_utils import from_dict
-from mola.data.base import Heterogeneity, TaskInfo
 from mola.inject import MoLAConfig
+from mola.inject.model import trainable_parameters_line
 from mola.layers.routing import check_task_ids, task_groups
 from mola.models.backbones import MLP, BackboneConfig, SmallViT
 from mola.models.heads import DenseHead, make_head
 from mola.registry import Registry
+from mola.tasks import Heterogeneity, TaskInfo
 
 
 @dataclass
@@ -34,6 +35,9 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)  # options of the architecture (see its Options)
     head: Literal["auto", "pspnet"] = "auto"  # dense-task heads: auto (small conv decoder) or pspnet (PSPNet)
     head_hidden: int = 128  # hidden channels of the dense (segmentation/depth/normal) heads (PSPNet: 512)
+    #: train only what the arch adds (MoLA adapters, router, lift; heads; towers...): the backbone's own weights
+    #: are frozen (requires_grad False), as peft does
+    freeze_backbone: bool = False
 
 
 def task_rows(task_ids: Tensor, num_tasks: int) -> dict[int, Tensor]:
@@ -114,6 +118,11 @@ class MultiTaskModel(nn.Module):
             self._groups_cache = cached = (*key, task_groups(task_ids, self.num_tasks))
         return cached[2]
 
+    def use_task_groups(self, task_ids: Tensor, groups: tuple[Tensor, list[int]]) -> None:
+        """Take ``groups`` (``task_groups`` of ``task_ids``, computed by the caller, e.g. on the host before the
+        batch moved to the device) as this batch's grouping: the forward then makes no host sync for it."""
+        self._groups_cache = (task_ids, _version(task_ids), groups)
+
     def task_rows(self, task_ids: Tensor) -> dict[int, Tensor]:
         """Row indices of each present task of ``task_ids`` (cached per batch, see ``task_groups``)."""
         return rows_of_groups(*self.task_groups(task_ids))
@@ -177,6 +186,15 @@ class MultiTaskModel(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         return [p for g, ps in self.parameter_groups().items() if g not in self.task_specific_groups
                 for p in ps if p.requires_grad]
+
+    def freeze_backbone(self) -> None:
+        """Stop training the backbone's own weights (group ``backbone``); adapters, router and heads still train."""
+        for p in self.parameter_groups().get("backbone", []):
+            p.requires_grad_(False)
+
+    def print_trainable_parameters(self) -> None:
+        """Print trainable and total parameter counts (peft's method of the same name)."""
+        print(trainable_parameters_line(self))
 
     def task_parameters(self) -> list[nn.Parameter]:
         return [p for g, ps in self.parameter_groups().items() if g in self.task_specific_groups

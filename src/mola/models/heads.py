@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mola.data.base import TaskInfo
+from mola.tasks import TaskInfo
 
 
 class ClassificationHead(nn.Module):
@@ -88,8 +88,9 @@ def make_head(task: TaskInfo, in_dim: int, hidden: int = 128, kind: str = "auto"
     decoder (``kind="auto"``) or the PSPNet decoder (``kind="pspnet"``)."""
     if kind not in HEADS:
         raise ValueError(f"unknown model.head {kind!r}; accepted: {', '.join(HEADS)}")
-    if task.kind == "classification":
+    spec = task.spec
+    if not spec.dense:
         return ClassificationHead(in_dim, task.out_channels)
     if kind == "pspnet":
-        return PSPHead(in_dim, task.out_channels, hidden, normalize=task.kind == "normal")
-    return DenseHead(in_dim, task.out_channels, hidden, normalize=task.kind == "normal")
+        return PSPHead(in_dim, task.out_channels, hidden, normalize=spec.unit_vectors)
+    return DenseHead(in_dim, task.out_channels, hidden, normalize=spec.unit_vectors)

@@ -1,14 +1,6 @@
-"""Built-in on-disk layouts; each module registers its builders in ``mola.data.registry.SCENARIOS``."""
+"""Built-in on-disk layouts, one module each; importing this package imports them all (module discovery,
+``mola.registry.import_plugins``) and each registers its builders in ``mola.data.registry.SCENARIOS``."""
 
-from mola.data.layouts import (  # noqa: F401  (imported for their registrations)
-    digits,
-    folder,
-    manytask,
-    medmnist,
-    multidigit,
-    nyuv2,
-    office_caltech10,
-    paper,
-    radimagenet,
-    shifted_digits,
-)
+from mola.registry import import_plugins
+
+import_plugins(__name__)

@@ -1,8 +1,12 @@
-"""Helpers shared by the layouts: seeded stratified splits, caps, lazy file datasets and safe file readers."""
+"""Helpers shared by the layouts: seeded stratified splits, caps, lazy file datasets, the scenario builder and
+the safe file readers more than one layout uses (IDX, digit CSV, USPS h5, MedMNIST npz/npy)."""
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
+import zipfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,10 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mola.data.base import ALL_TASKS, TaskDataset, as_int64
 from mola.data.config import DataConfig
 from mola.data.transforms import ImageFileTransform
+from mola.tasks import ALL_TASKS, Scenario, TaskDataset, TaskInfo, as_int64
 
+SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -212,11 +217,13 @@ def class_labels(y: np.ndarray, where: str) -> np.ndarray:
     return out
 
 
-def verify_image_files(paths: Sequence[str | Path]) -> None:
+def read_image_headers(paths: Sequence[str | Path]) -> list[tuple[str, tuple[int, int]]]:
     """Open every image file's header and run PIL's ``verify`` (no full decode): a truncated, corrupt or
-    decompression-bomb file is a ValueError naming it when the layout is read, not in epoch 3."""
+    decompression-bomb file is a ValueError naming it when the layout is read, not in epoch 3. Returns each
+    file's PIL mode and (width, height), for the channel and size rules and the dry-run summary."""
     from PIL import Image, UnidentifiedImageError
 
+    out = []
     for p in paths:
         try:
             with Image.open(p) as im:
@@ -224,9 +231,16 @@ def verify_image_files(paths: Sequence[str | Path]) -> None:
                 if w * h > (Image.MAX_IMAGE_PIXELS or float("inf")):
                     raise ValueError(f"{w}x{h} pixels, above the decompression-bomb limit of "
                                      f"{Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS)")
+                out.append((im.mode, (w, h)))
                 im.verify()
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"cannot read image file {str(p)!r}: {e}") from e
+    return out
+
+
+def verify_image_files(paths: Sequence[str | Path]) -> None:
+    """``read_image_headers`` without its result: every file is checked when the layout is read."""
+    read_image_headers(paths)
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -286,3 +300,143 @@ def concat_task_ids(counts: Sequence[int]) -> np.ndarray:
 def tree(*lines: str) -> str:
     """Indent an expected-layout drawing for error messages."""
     return "\n".join("  " + ln for ln in lines)
+
+
+
+def multi_input_scenario(name: str, tasks: list[TaskInfo], splits: dict[str, TaskDataset], input_shape: tuple[int, ...],
+                         notes: str, extra: dict[str, Any], preprocessing: Any = None) -> Scenario:
+    """The one scenario builder of the multi-input layouts: tasks with their own heads, the ``SPLITS`` datasets
+    of ``splits``, inputs of ``input_shape`` and (for image inputs) how one image file becomes an input."""
+    return Scenario(name=name, heterogeneity="multi_input", tasks=tasks, train=splits["train"], val=splits["val"],
+                    test=splits["test"], input_shape=input_shape, shared_head=False, notes=notes, extra=extra,
+                    preprocessing=preprocessing)
+
+# -- readers shared by several layouts ----------------------------------------------------------------------
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a uint8 array; bad magic/size/gzip is a ValueError."""
+    require_file(path, "IDX file")
+    try:
+        with _open(path) as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise ValueError(f"cannot read IDX file {str(path)!r}: {e}") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"IDX file {str(path)!r}: bad magic number (expected unsigned-byte IDX)")
+    ndim = raw[3]
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise ValueError(f"IDX file {str(path)!r} is truncated (header)")
+    shape = struct.unpack(f">{ndim}I", raw[4:head])
+    n = int(np.prod(shape))
+    if len(raw) - head != n:
+        raise ValueError(
+            f"IDX file {str(path)!r}: {len(raw) - head} data bytes, header shape {shape} needs {n}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(shape).copy()
+
+
+def read_idx_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 28, 28) uint8 images and (N,) int64 labels from an IDX image/label file pair."""
+    x, y = read_idx(images), read_idx(labels).astype(np.int64)
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise ValueError(f"IDX pair {str(images)!r} {x.shape} / {str(labels)!r} {y.shape} do not match")
+    return x, y
+
+
+def read_digit_csv(path: Path, side: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """(N, side, side) uint8 images and (N,) labels from a csv(.gz): side*side pixels, then the label."""
+    require_file(path, "csv file")
+    try:
+        with _open(path) as f:
+            a = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, ValueError, gzip.BadGzipFile) as e:
+        raise ValueError(f"cannot read csv file {str(path)!r}: {e}") from e
+    if a.shape[1] != side * side + 1:
+        raise ValueError(f"csv file {str(path)!r}: expected {side * side + 1} columns, got {a.shape[1]}")
+    pix = a[:, :-1]
+    bad = (pix < 0) | (pix > 255)
+    if bad.any():
+        i = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise ValueError(f"csv file {str(path)!r}: row {i} holds pixel value {pix[i][bad[i]][0]} outside 0..255")
+    return pix.astype(np.uint8).reshape(-1, side, side), class_labels(a[:, -1], f"csv file {str(path)!r}")
+
+
+def read_usps(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 16, 16) float32 images in [0, 1] and (N,) labels from the Kaggle ``usps.h5`` layout."""
+    import h5py
+
+    require_file(path, "HDF5 file")
+    try:
+        with h5py.File(path, "r") as h:
+            if split not in h or "data" not in h[split] or "target" not in h[split]:
+                raise ValueError(f"HDF5 file {str(path)!r} has no {split}/data and {split}/target")
+            where = f"HDF5 file {str(path)!r} split {split!r}"
+            x = pixels_to_unit(np.asarray(h[split]["data"]), where).numpy()  # 0..1 as is, 0..255 scaled, else refused
+            y = class_labels(np.asarray(h[split]["target"]).reshape(-1), where)
+    except OSError as e:
+        raise ValueError(f"cannot read HDF5 file {str(path)!r}: {e}") from e
+    if x.ndim != 2 or x.shape[1] != 256 or len(x) != len(y):
+        raise ValueError(f"HDF5 file {str(path)!r}: {split}/data {x.shape} is not (N, 256) matching target")
+    return x.reshape(-1, 16, 16), y
+
+
+def images_to_tensor(x: np.ndarray, where: str) -> Tensor:
+    """(N,H,W) or (N,H,W,C) -> (N,C,H,W) float32 in [-1, 1] (``pixels_to_unit``: uint8/uint16/0..255 scaled)."""
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"{where}: images must be (N,H,W) or (N,H,W,3), got {x.shape}")
+    t = pixels_to_unit(x, where).permute(0, 3, 1, 2)
+    return (t - 0.5) / 0.5
+
+
+def read_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """split -> (images, labels) from one MedMNIST npz; a corrupt file or missing key is a ValueError."""
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"cannot read npz file {str(path)!r}: {e}") from e
+    out = {}
+    with f:
+        if not hasattr(f, "files"):
+            raise ValueError(f"{str(path)!r} is a single array, not an npz archive of images/labels")
+        for s in SPLITS:
+            arrs = []
+            for k in (f"{s}_images", f"{s}_labels"):
+                if k not in f.files:
+                    raise ValueError(
+                        f"npz file {str(path)!r} has no key {k!r} (split {s!r} missing; keys: {f.files})"
+                    )
+                try:
+                    arrs.append(f[k])
+                except Exception as e:  # zlib.error, BadZipFile, ValueError, EOFError...
+                    raise ValueError(f"cannot read key {k!r} of npz file {str(path)!r}: {e}") from e
+            out[s] = (arrs[0], arrs[1])
+    return out
+
+
+def read_npy_folder(path: Path, layout: str = "") -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """split -> (images, labels) for the splits whose images exist in a folder of .npy files; ``layout``: the
+    expected layout, shown when there is none."""
+    found = {}
+    for s in SPLITS:
+        ip, lp = path / f"{s}_images.npy", path / f"{s}_labels.npy"
+        if not present_file(ip, "npy file"):
+            continue
+        if not present_file(lp, "npy file"):
+            raise ValueError(f"{str(ip)!r} has no matching labels file {str(lp)!r}")
+        arrs = []
+        for p in (ip, lp):
+            try:
+                arrs.append(np.load(p, allow_pickle=False))
+            except (OSError, ValueError, EOFError) as e:
+                raise ValueError(f"cannot read npy file {str(p)!r}: {e}") from e
+        found[s] = (arrs[0], arrs[1])
+    if not found:
+        hint = f"; expected layout:\n{layout}" if layout else ""
+        raise ValueError(f"task folder {str(path)!r} has no <split>_images.npy file{hint}")
+    return found, list(found)

@@ -15,8 +15,6 @@ lazily per item; ``cfg.channels=3`` replicates the gray channel.
 
 from __future__ import annotations
 
-import gzip
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,16 +22,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
 from mola.data.config import DataConfig
-from mola.data.layouts._common import (
+from mola.data.layouts._common import (  # the readers live there: manytask uses them too
     cap,
-    class_labels,
     concat_task_ids,
     name_seed,
     pixels_to_unit,
+    read_digit_csv,
+    read_idx_pair,
+    read_usps,
     require_dir,
-    require_file,
     resolve_root,
     select_names,
     stratified_split,
@@ -42,6 +40,7 @@ from mola.data.layouts._common import (
 from mola.data.preprocess import ImagePreprocessing
 from mola.data.registry import SCENARIOS
 from mola.data.transforms import ResizeTensor, resize_tensor, to_channels
+from mola.tasks import ArrayTaskDataset, Scenario, TaskInfo
 
 LAYOUT = tree(
     "<root>/",
@@ -49,78 +48,6 @@ LAYOUT = tree(
     "  mnist_test/t10k-images-idx3-ubyte.gz  t10k-labels-idx1-ubyte.gz",
     "  usps/usps.h5                          train/{data,target}  test/{data,target}",
 )
-
-
-def _open(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) into a uint8 array; bad magic/size/gzip is a ValueError."""
-    require_file(path, "IDX file")
-    try:
-        with _open(path) as f:
-            raw = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise ValueError(f"cannot read IDX file {str(path)!r}: {e}") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"IDX file {str(path)!r}: bad magic number (expected unsigned-byte IDX)")
-    ndim = raw[3]
-    head = 4 + 4 * ndim
-    if len(raw) < head:
-        raise ValueError(f"IDX file {str(path)!r} is truncated (header)")
-    shape = struct.unpack(f">{ndim}I", raw[4:head])
-    n = int(np.prod(shape))
-    if len(raw) - head != n:
-        raise ValueError(
-            f"IDX file {str(path)!r}: {len(raw) - head} data bytes, header shape {shape} needs {n}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(shape).copy()
-
-
-def read_idx_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 28, 28) uint8 images and (N,) int64 labels from an IDX image/label file pair."""
-    x, y = read_idx(images), read_idx(labels).astype(np.int64)
-    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-        raise ValueError(f"IDX pair {str(images)!r} {x.shape} / {str(labels)!r} {y.shape} do not match")
-    return x, y
-
-
-def read_digit_csv(path: Path, side: int = 28) -> tuple[np.ndarray, np.ndarray]:
-    """(N, side, side) uint8 images and (N,) labels from a csv(.gz): side*side pixels, then the label."""
-    require_file(path, "csv file")
-    try:
-        with _open(path) as f:
-            a = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
-    except (OSError, EOFError, ValueError, gzip.BadGzipFile) as e:
-        raise ValueError(f"cannot read csv file {str(path)!r}: {e}") from e
-    if a.shape[1] != side * side + 1:
-        raise ValueError(f"csv file {str(path)!r}: expected {side * side + 1} columns, got {a.shape[1]}")
-    pix = a[:, :-1]
-    bad = (pix < 0) | (pix > 255)
-    if bad.any():
-        i = int(np.flatnonzero(bad.any(axis=1))[0])
-        raise ValueError(f"csv file {str(path)!r}: row {i} holds pixel value {pix[i][bad[i]][0]} outside 0..255")
-    return pix.astype(np.uint8).reshape(-1, side, side), class_labels(a[:, -1], f"csv file {str(path)!r}")
-
-
-def read_usps(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 16, 16) float32 images in [0, 1] and (N,) labels from the Kaggle ``usps.h5`` layout."""
-    import h5py
-
-    require_file(path, "HDF5 file")
-    try:
-        with h5py.File(path, "r") as h:
-            if split not in h or "data" not in h[split] or "target" not in h[split]:
-                raise ValueError(f"HDF5 file {str(path)!r} has no {split}/data and {split}/target")
-            where = f"HDF5 file {str(path)!r} split {split!r}"
-            x = pixels_to_unit(np.asarray(h[split]["data"]), where).numpy()  # 0..1 as is, 0..255 scaled, else refused
-            y = class_labels(np.asarray(h[split]["target"]).reshape(-1), where)
-    except OSError as e:
-        raise ValueError(f"cannot read HDF5 file {str(path)!r}: {e}") from e
-    if x.ndim != 2 or x.shape[1] != 256 or len(x) != len(y):
-        raise ValueError(f"HDF5 file {str(path)!r}: {split}/data {x.shape} is not (N, 256) matching target")
-    return x.reshape(-1, 16, 16), y
 
 
 def _as_unit(x: np.ndarray, where: str = "digit images") -> Tensor:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mola.data.base import Scenario, TaskInfo
 from mola.data.config import DataConfig
 from mola.data.layouts._common import (
     ImageFileDataset,
@@ -31,6 +30,7 @@ from mola.data.layouts._common import (
 from mola.data.preprocess import ImagePreprocessing
 from mola.data.registry import SCENARIOS
 from mola.data.transforms import ImageFileTransform, normalize_stats
+from mola.tasks import Scenario, TaskInfo
 
 FOLDER_LAYOUT = tree(
     "<root>/",
@@ -51,6 +51,9 @@ def scan_group(group: Path, layout: str, what: str) -> dict[str, list[Path]]:
         raise ValueError(
             f"{what} folder {str(group)!r} has no class sub-folders{hint}; expected layout:\n{layout}"
         )
+    if {c.name for c in classes} <= set(SPLITS):
+        raise ValueError(f"{what} folder {str(group)!r} holds split folders ({', '.join(c.name for c in classes)}), "
+                         "not class folders: for root/<task>/<split>/<class>/<image> use data.kind=tasks")
     found = {c.name: image_files(c) for c in classes}
     if not any(found.values()):
         raise ValueError(
@@ -110,12 +113,28 @@ def build_file_splits(
     return out
 
 
+def check_looks_like_tasks(root: Path, files: dict[str, dict[str, list[Path]]]) -> None:
+    """Refuse, before any training, a folder shaped like the per-task layout (``data.kind: tasks``): two
+    domains without a class in common (tasks with their own label spaces, which one shared head over the union
+    would mix up). Split folders in place of class folders are refused by ``scan_group``."""
+    names = list(files)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if not set(files[a]) & set(files[b]):
+                raise ValueError(
+                    f"domains {a!r} and {b!r} of {str(root)!r} share no class ({', '.join(sorted(files[a]))} vs "
+                    f"{', '.join(sorted(files[b]))}): this looks like tasks with their own label spaces; use "
+                    "data.kind=tasks (one head per task). data.kind=folder is for domains of one label space "
+                    "(one shared head)")
+
+
 @SCENARIOS.register("folder")
 def build_folder(cfg: DataConfig) -> Scenario:
     """DomainBed folder layout ``root/<domain>/<class>/<image>`` -> a domain-heterogeneity Scenario."""
     root = resolve_root(cfg.root)
     domains = list_groups(root, cfg.domains, FOLDER_LAYOUT, "domain")
     files = {d: scan_group(root / d, FOLDER_LAYOUT, "domain") for d in domains}
+    check_looks_like_tasks(root, files)
     classes = sorted(set().union(*(f.keys() for f in files.values())))
     class_index = {c: i for i, c in enumerate(classes)}
     missing = {d: sorted(set(classes) - set(files[d])) for d in domains if set(files[d]) != set(classes)}

@@ -35,22 +35,27 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
 from mola.data.config import DataConfig
 from mola.data.layouts._common import (
     cap,
     concat_task_ids,
+    images_to_tensor,
+    multi_input_scenario,
     name_seed,
+    read_digit_csv,
+    read_idx_pair,
+    read_npy_folder,
+    read_npz,
+    read_usps,
     require_dir,
     resolve_root,
     select_names,
     stratified_split,
     tree,
 )
-from mola.data.layouts.digits import read_digit_csv, read_idx_pair, read_usps
-from mola.data.layouts.medmnist import images_to_tensor, read_npy_folder, read_npz
 from mola.data.registry import SCENARIOS
 from mola.data.transforms import ResizeTensor, resize_tensor, to_channels
+from mola.tasks import ArrayTaskDataset, Scenario, TaskInfo
 
 LAYOUT = tree(
     "<root>/   (the shipped data folder)",
@@ -168,15 +173,8 @@ def build_manytask(cfg: DataConfig) -> Scenario:
         ys = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         ds[split] = ArrayTaskDataset(xs, ys, concat_task_ids([len(p[1]) for p in parts]), tf)
     counts = [len(p[1]) for p in blocks["train"]]
-    return Scenario(
-        name="manytask",
-        heterogeneity="multi_input",
-        tasks=infos,
-        train=ds["train"],
-        val=ds["val"],
-        test=ds["test"],
-        input_shape=(channels, size, size),
-        shared_head=False,
+    return multi_input_scenario(
+        "manytask", infos, ds, (channels, size, size),
         notes=(f"manytask from {str(root)!r}: {', '.join(f'{n} {c}' for n, c in zip(names, counts, strict=True))} "
                f"training images (split seed {cfg.split_seed}); pixels /255 then (x-0.5)/0.5; {channels} channel(s)"),
         extra={"root": str(root)},

@@ -16,22 +16,24 @@ Pixels are scaled to [0, 1] and normalised with mean 0.5 / std 0.5 (MedMNIST's o
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
 from mola.data.config import DataConfig
-from mola.data.layouts._common import (
+from mola.data.layouts._common import (  # the readers live there: manytask uses them too
+    SPLITS,
     cap_splits,
     class_labels,
     concat_task_ids,
+    images_to_tensor,
+    multi_input_scenario,
     name_seed,
-    pixels_to_unit,
     present_file,
+    read_npy_folder,
+    read_npz,
     require_dir,
     resolve_root,
     stratified_split,
@@ -40,8 +42,8 @@ from mola.data.layouts._common import (
 from mola.data.preprocess import ImagePreprocessing
 from mola.data.registry import SCENARIOS
 from mola.data.transforms import ResizeTensor, to_channels
+from mola.tasks import ArrayTaskDataset, Scenario, TaskInfo
 
-SPLITS = ("train", "val", "test")
 KNOWN_CLASSES = {
     "pathmnist": 9, "dermamnist": 7, "octmnist": 4, "pneumoniamnist": 2, "retinamnist": 5, "breastmnist": 2,
     "bloodmnist": 8, "tissuemnist": 8, "organamnist": 11, "organcmnist": 11, "organsmnist": 11,
@@ -55,6 +57,34 @@ LAYOUT = tree(
 )
 
 
+_ORGANS = ("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver", "lung-left",
+           "lung-right", "pancreas", "spleen")
+KNOWN_LABELS: dict[str, tuple[str, ...]] = {
+    "pathmnist": ("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
+                  "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"),
+    "dermamnist": ("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
+                   "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
+                   "vascular lesions"),
+    "octmnist": ("choroidal neovascularization", "diabetic macular edema", "drusen", "normal"),
+    "pneumoniamnist": ("normal", "pneumonia"),
+    "retinamnist": ("grade 0", "grade 1", "grade 2", "grade 3", "grade 4"),
+    "breastmnist": ("malignant", "normal, benign"),
+    "bloodmnist": ("basophil", "eosinophil", "erythroblast", "immature granulocytes", "lymphocyte", "monocyte",
+                   "neutrophil", "platelet"),
+    "tissuemnist": ("collecting duct, connecting tubule", "distal convoluted tubule", "glomerular endothelial cells",
+                    "interstitial endothelial cells", "leukocytes", "podocytes", "proximal tubule segments",
+                    "thick ascending limb"),
+    "organamnist": _ORGANS, "organcmnist": _ORGANS, "organsmnist": _ORGANS,
+}
+"""Class names of the official MedMNIST v2 label tables (medmnist/info.py), by file stem prefix."""
+
+
+def known_labels(stem: str, num_classes: int) -> list[str] | None:
+    """The official class names of a MedMNIST file stem, when it is a known subset with that many classes."""
+    names = next((n for k, n in KNOWN_LABELS.items() if stem.lower().startswith(k)), None)
+    return list(names) if names is not None and len(names) == num_classes else None
+
+
 def short_name(stem: str) -> str:
     """``retinamnist`` -> ``retina``; stems without ``mnist`` are kept."""
     i = stem.lower().find("mnist")
@@ -66,64 +96,6 @@ def _labels(y: np.ndarray, where: str) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] > 1:
         raise ValueError(f"{where}: labels {y.shape} are multi-label; medmnist tasks must be multi-class")
     return class_labels(y.reshape(-1), where)
-
-
-def images_to_tensor(x: np.ndarray, where: str) -> Tensor:
-    """(N,H,W) or (N,H,W,C) -> (N,C,H,W) float32 in [-1, 1] (``pixels_to_unit``: uint8/uint16/0..255 scaled)."""
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise ValueError(f"{where}: images must be (N,H,W) or (N,H,W,3), got {x.shape}")
-    t = pixels_to_unit(x, where).permute(0, 3, 1, 2)
-    return (t - 0.5) / 0.5
-
-
-def read_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """split -> (images, labels) from one MedMNIST npz; a corrupt file or missing key is a ValueError."""
-    try:
-        f = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"cannot read npz file {str(path)!r}: {e}") from e
-    out = {}
-    with f:
-        if not hasattr(f, "files"):
-            raise ValueError(f"{str(path)!r} is a single array, not an npz archive of images/labels")
-        for s in SPLITS:
-            arrs = []
-            for k in (f"{s}_images", f"{s}_labels"):
-                if k not in f.files:
-                    raise ValueError(
-                        f"npz file {str(path)!r} has no key {k!r} (split {s!r} missing; keys: {f.files})"
-                    )
-                try:
-                    arrs.append(f[k])
-                except Exception as e:  # zlib.error, BadZipFile, ValueError, EOFError...
-                    raise ValueError(f"cannot read key {k!r} of npz file {str(path)!r}: {e}") from e
-            out[s] = (arrs[0], arrs[1])
-    return out
-
-
-def read_npy_folder(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
-    """split -> (images, labels) for the splits whose images exist in a folder of .npy files."""
-    found = {}
-    for s in SPLITS:
-        ip, lp = path / f"{s}_images.npy", path / f"{s}_labels.npy"
-        if not present_file(ip, "npy file"):
-            continue
-        if not present_file(lp, "npy file"):
-            raise ValueError(f"{str(ip)!r} has no matching labels file {str(lp)!r}")
-        arrs = []
-        for p in (ip, lp):
-            try:
-                arrs.append(np.load(p, allow_pickle=False))
-            except (OSError, ValueError, EOFError) as e:
-                raise ValueError(f"cannot read npy file {str(p)!r}: {e}") from e
-        found[s] = (arrs[0], arrs[1])
-    if not found:
-        raise ValueError(
-            f"task folder {str(path)!r} has no <split>_images.npy file; expected layout:\n{LAYOUT}"
-        )
-    return found, list(found)
 
 
 def discover(root: Path) -> dict[str, Path]:
@@ -159,6 +131,50 @@ def _resolve_tasks(requested: list[str] | None, found: dict[str, Path], root: Pa
     return stems
 
 
+def _read_split_files(path: Path) -> dict[str, tuple[Tensor, np.ndarray]]:
+    """The (images, labels) of each split stored in one task's npz file / npy folder, checked."""
+    raw = read_npy_folder(path, LAYOUT)[0] if path.is_dir() else read_npz(path)
+    data = {}
+    for s, (x, y) in raw.items():
+        where = f"{str(path)!r} split {s!r}"
+        xi, yi = images_to_tensor(x, where), _labels(y, where)
+        if len(xi) != len(yi):
+            raise ValueError(f"{where}: {len(xi)} images but {len(yi)} labels")
+        data[s] = (xi, yi)
+    sizes = {s: tuple(data[s][0].shape[-2:]) for s in data if len(data[s][0])}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"{str(path)!r}: splits hold images of different sizes ("
+                         + ", ".join(f"{s} {hw[0]}x{hw[1]}" for s, hw in sizes.items()) + "); use one resolution")
+    return data
+
+
+def _read_task(path: Path, stem: str, name: str, cfg: DataConfig
+               ) -> tuple[dict[str, tuple[Tensor, np.ndarray]], TaskInfo, str]:
+    """One task's train/val/test (re-split when the file lacks some splits, capped), its TaskInfo and a note
+    saying what was re-split ("" if nothing)."""
+    rng = name_seed(cfg.split_seed, stem)
+    data = _read_split_files(path)
+    have = list(data) if path.is_dir() else list(SPLITS)
+    if stem in MULTI_LABEL:
+        raise ValueError(f"{str(path)!r}: {stem} is multi-label; not supported as a multi-class task")
+    note = ""
+    if len(have) < len(SPLITS):
+        xs = torch.cat([data[s][0] for s in have])
+        ys = np.concatenate([data[s][1] for s in have])
+        tr, va, te = stratified_split(ys, cfg.val_fraction, cfg.test_fraction, rng)
+        data = {"train": (xs[tr], ys[tr]), "val": (xs[va], ys[va]), "test": (xs[te], ys[te])}
+        note = (f"{name}: only {'/'.join(have)} images exist in {path.name}/; their {len(ys)} images were "
+                f"re-split (seeded, stratified) into train/val/test {len(tr)}/{len(va)}/{len(te)}")
+    idx = cap_splits({s: np.arange(len(data[s][1])) for s in SPLITS}, cfg, rng)
+    data = {s: (data[s][0][idx[s]], data[s][1][idx[s]]) for s in SPLITS}
+    ymax = max((int(data[s][1].max()) for s in SPLITS if len(data[s][1])), default=0)
+    known = next((n for k, n in KNOWN_CLASSES.items() if stem.lower().startswith(k)), None)
+    ncls = known if known is not None else ymax + 1
+    if ymax >= ncls or min((int(data[s][1].min()) for s in SPLITS if len(data[s][1])), default=0) < 0:
+        raise ValueError(f"{str(path)!r}: labels outside 0..{ncls - 1}")
+    return data, TaskInfo(name, "classification", ncls), note
+
+
 @SCENARIOS.register("medmnist")
 def build_medmnist(cfg: DataConfig) -> Scenario:
     """MedMNIST npz files / npy folders -> a multi-input Scenario, one task (and head) per file."""
@@ -174,43 +190,9 @@ def build_medmnist(cfg: DataConfig) -> Scenario:
     infos: list[TaskInfo] = []
     notes: list[str] = []
     for stem, name in zip(stems, names, strict=True):
-        path = found[stem]
-        rng = name_seed(cfg.split_seed, stem)
-        if path.is_dir():
-            raw, have = read_npy_folder(path)
-        else:
-            raw, have = read_npz(path), list(SPLITS)
-        data = {}
-        for s, (x, y) in raw.items():
-            where = f"{str(path)!r} split {s!r}"
-            xi, yi = images_to_tensor(x, where), _labels(y, where)
-            if len(xi) != len(yi):
-                raise ValueError(f"{where}: {len(xi)} images but {len(yi)} labels")
-            data[s] = (xi, yi)
-        sizes = {s: tuple(data[s][0].shape[-2:]) for s in data if len(data[s][0])}
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"{str(path)!r}: splits hold images of different sizes ("
-                             + ", ".join(f"{s} {hw[0]}x{hw[1]}" for s, hw in sizes.items()) + "); use one resolution")
-        if stem in MULTI_LABEL:
-            raise ValueError(f"{str(path)!r}: {stem} is multi-label; not supported as a multi-class task")
-        if len(have) < len(SPLITS):
-            xs = torch.cat([data[s][0] for s in have])
-            ys = np.concatenate([data[s][1] for s in have])
-            tr, va, te = stratified_split(ys, cfg.val_fraction, cfg.test_fraction, rng)
-            data = {"train": (xs[tr], ys[tr]), "val": (xs[va], ys[va]), "test": (xs[te], ys[te])}
-            notes.append(
-                f"{name}: only {'/'.join(have)} images exist in {path.name}/; their {len(ys)} images were "
-                f"re-split (seeded, stratified) into train/val/test {len(tr)}/{len(va)}/{len(te)}"
-            )
-        idx = cap_splits({s: np.arange(len(data[s][1])) for s in SPLITS}, cfg, rng)
-        data = {s: (data[s][0][idx[s]], data[s][1][idx[s]]) for s in SPLITS}
-        ymax = max((int(data[s][1].max()) for s in SPLITS if len(data[s][1])), default=0)
-        known = next((n for k, n in KNOWN_CLASSES.items() if stem.lower().startswith(k)), None)
-        ncls = known if known is not None else ymax + 1
-        if ymax >= ncls or min((int(data[s][1].min()) for s in SPLITS if len(data[s][1])), default=0) < 0:
-            raise ValueError(f"{str(path)!r}: labels outside 0..{ncls - 1}")
-        per_task[stem] = data
-        infos.append(TaskInfo(name, "classification", ncls))
+        per_task[stem], info, note = _read_task(found[stem], stem, name, cfg)
+        infos.append(info)
+        notes += [note] if note else []
 
     channels = cfg.channels or max(per_task[s]["train"][0].shape[1] for s in stems)
     hw = tuple(per_task[stems[0]]["train"][0].shape[-2:])
@@ -227,19 +209,15 @@ def build_medmnist(cfg: DataConfig) -> Scenario:
         xs = torch.cat([to_channels(per_task[s][split][0], channels) for s in stems])
         ys = torch.from_numpy(np.concatenate([per_task[s][split][1] for s in stems]))
         ds[split] = ArrayTaskDataset(xs, ys, concat_task_ids([len(per_task[s][split][1]) for s in stems]), tf)
-    return Scenario(
-        name="medmnist",
-        heterogeneity="multi_input",
-        tasks=infos,
-        train=ds["train"],
-        val=ds["val"],
-        test=ds["test"],
-        input_shape=(channels, size, size),
-        shared_head=False,
+    return multi_input_scenario(
+        "medmnist", infos, ds, (channels, size, size),
         notes="; ".join(
             [f"MedMNIST tasks from {str(root)!r}: {', '.join(stems)}; pixels /255 then (x-0.5)/0.5; "
-             f"{channels} channel(s)"] + notes
+             f"{channels} channel(s) (gray replicated, RGB to luminance as needed); {hw[0]}x{hw[1]} images"
+             + (f", resized to {size}x{size}" if tf is not None else ", not resized")] + notes
         ),
-        extra={"files": {n: str(found[s]) for n, s in zip(names, stems, strict=True)}, "root": str(root)},
+        extra={"files": {n: str(found[s]) for n, s in zip(names, stems, strict=True)}, "root": str(root),
+               "classes": {i.name: known_labels(s, i.num_classes or 0) or [str(c) for c in range(i.num_classes or 0)]
+                           for i, s in zip(infos, stems, strict=True)}},
         preprocessing=ImagePreprocessing.normalized((channels, size, size), 0.5, 0.5),
     )

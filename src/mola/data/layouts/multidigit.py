@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mola.data.base import Scenario, TaskInfo
 from mola.data.config import DataConfig
 from mola.data.layouts._common import (
     ArrayMultiTargetDataset,
@@ -29,6 +28,7 @@ from mola.data.layouts._common import (
 from mola.data.layouts.digits import LAYOUT, load_mnist
 from mola.data.preprocess import ImagePreprocessing
 from mola.data.registry import SCENARIOS
+from mola.tasks import Scenario, TaskInfo
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 INK = 0.5

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mola.data.base import ALL_TASKS, Scenario, TaskDataset, TaskInfo
 from mola.data.config import DataConfig
 from mola.data.layouts._common import cap, name_seed, require_dir, resolve_root, stratified_split, tree
 from mola.data.registry import SCENARIOS
+from mola.tasks import ALL_TASKS, Scenario, TaskDataset, TaskInfo
 
 NUM_SEG_CLASSES = 13
 TASKS = {

@@ -21,7 +21,6 @@ import numpy as np
 import scipy.io
 import torch
 
-from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
 from mola.data.config import DataConfig
 from mola.data.layouts._common import (
     cap_splits,
@@ -36,6 +35,7 @@ from mola.data.layouts._common import (
     tree,
 )
 from mola.data.registry import SCENARIOS
+from mola.tasks import ArrayTaskDataset, Scenario, TaskInfo
 
 DOMAINS = ("amazon", "caltech", "dslr", "webcam")
 FEATURES: dict[str, dict[str, Any]] = {

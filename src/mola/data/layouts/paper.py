@@ -14,7 +14,6 @@ from dataclasses import replace
 
 from torchvision import transforms as T
 
-from mola.data.base import Scenario, TaskInfo
 from mola.data.config import DataConfig
 from mola.data.layouts._common import require_dir, resolve_root, tree
 from mola.data.layouts.folder import build_folder
@@ -23,6 +22,7 @@ from mola.data.layouts.nyuv2 import NUM_SEG_CLASSES
 from mola.data.layouts.nyuv2 import TASKS as NYU_TASKS
 from mola.data.registry import SCENARIOS
 from mola.data.synthetic import SPECS, ScenarioSpec
+from mola.tasks import Scenario, TaskInfo
 
 MEDMNIST9 = ("pathmnist", "octmnist", "organcmnist", "bloodmnist", "breastmnist", "dermamnist", "organamnist",
              "organsmnist", "pneumoniamnist")

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mola.data.base import ArrayTaskDataset, Scenario, TaskInfo
 from mola.data.config import DataConfig
 from mola.data.layouts._common import (
     cap,
@@ -29,6 +28,7 @@ from mola.data.layouts._common import (
 from mola.data.layouts.digits import LAYOUT, load_mnist
 from mola.data.registry import SCENARIOS
 from mola.data.transforms import ResizeTensor, to_channels
+from mola.tasks import ArrayTaskDataset, Scenario, TaskInfo
 
 DOMAINS = [f"p{i}" for i in range(8)]
 DEFAULT_DOMAINS = DOMAINS[:4]

@@ -1,6 +1,9 @@
-"""Domain-generalisation methods (tasks are domains), registered in DOMAIN_METHODS (``--method dann``)."""
+"""Domain-generalisation methods, one file each, registered in DOMAIN_METHODS (``--method dann``); importing this
+package imports every module in it (module discovery, ``mola.registry.import_plugins``)."""
 
-from mola.methods.domain import dann, eqrm, mmd_aae, selfreg
 from mola.methods.domain.base import DomainMethod
+from mola.registry import import_plugins
 
-__all__ = ["DomainMethod", "dann", "eqrm", "mmd_aae", "selfreg"]
+import_plugins(__name__)
+
+__all__ = ["DomainMethod"]

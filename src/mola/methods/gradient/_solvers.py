@@ -19,6 +19,12 @@ def gram(G: Tensor) -> np.ndarray:
     return K.cpu().numpy()
 
 
+def host_orders(num_tasks: int, generator: torch.Generator | None = None) -> list[list[int]]:
+    """One random task order per task (``num_tasks`` draws of ``torch.randperm`` on the host, CPU generator), read
+    together: the projection orders of PCGrad and GradVac, with no device read."""
+    return torch.stack([torch.randperm(num_tasks, generator=generator) for _ in range(num_tasks)]).tolist()
+
+
 def combine(weights: np.ndarray | Tensor, G: Tensor) -> Tensor:
     """The direction sum_t weights_t * G_t in G's dtype and device."""
     w = torch.as_tensor(weights, dtype=torch.float64).to(device=G.device, dtype=G.dtype)

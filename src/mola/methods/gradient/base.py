@@ -91,54 +91,64 @@ class GradientMethod(Method):
         shared = _dedupe(list(ctx.shared_params), set())
         others = _dedupe(list(ctx.task_params) + list(self.parameters()), {id(p) for p in shared})
         tasks = sorted(losses)
-        rep = self.needs == "rep_grads"
         if len(tasks) <= 1 or not shared:  # nothing to aggregate: one task's gradient is the direction
             total = loss_sum([losses[t] for t in tasks] + ([extra] if extra is not None else []))
             if total is not None and total.requires_grad and shared + others:
                 torch.autograd.backward(total, inputs=shared + others)
             return {}
-        if rep:
-            if ctx.features is None or not ctx.features.requires_grad:
-                raise ValueError(f"{type(self).__name__} needs ctx.features (the shared representation in the graph)")
-            wrt: list[Tensor] = [ctx.features]
-        else:
-            wrt = list(shared)
-        G = torch.stack([flat_grads(losses[t], wrt) for t in tasks])
-        dist = ctx.dist
-        rows: tuple[int, int] | None = None
-        if dist is not None and rep:
-            counts = dist.row_counts(G.shape[1])
-            rows = (sum(counts[:dist.rank]), counts[dist.rank])
-            G = dist.gather_rows(G.T.contiguous()).T / dist.world_size
-        elif dist is not None:
-            G = dist.all_reduce_sum(G) / dist.world_size
+        G, rows = self._gradient_matrix(losses, tasks, shared, ctx)
         d = self.direction(G, tasks, [losses[t] for t in tasks]).to(G.dtype)
         logs = _direction_logs(G, d, tasks)
-        if dist is not None:
-            d = dist.broadcast_(d.contiguous())
+        if ctx.dist is not None:
+            d = ctx.dist.broadcast_(d.contiguous())
             if rows is not None:
-                d = d[rows[0]:rows[0] + rows[1]] * dist.world_size
-        if rep:
-            feats = ctx.features
-            grads = torch.autograd.grad(feats, shared, grad_outputs=d.view_as(feats).to(feats.dtype),
-                                        retain_graph=True, allow_unused=True)
-            for p, g in zip(shared, grads, strict=True):
-                if g is None:  # a shared parameter downstream of the representation: plain gradient
-                    others.append(p)
-                else:
-                    _accumulate(p, g)
-        else:
-            offset = 0
-            for p in shared:
-                n = p.numel()
-                _accumulate(p, d[offset:offset + n].view_as(p))
-                offset += n
+                d = d[rows[0]:rows[0] + rows[1]] * ctx.dist.world_size
+        self._apply_direction(d, shared, others, ctx)
         total = loss_sum([losses[t] for t in tasks])
         if others and total is not None and total.requires_grad:
             torch.autograd.backward(total, inputs=others, retain_graph=extra is not None)
         if extra is not None and extra.requires_grad:
             torch.autograd.backward(extra, inputs=shared + others)
         return logs
+
+    def _gradient_matrix(self, losses: dict[int, Tensor], tasks: list[int], shared: list[nn.Parameter],
+                         ctx: StepContext) -> tuple[Tensor, tuple[int, int] | None]:
+        """(G, rows): the (T x D) task gradients w.r.t. the shared parameters (or, for ``rep_grads``, the shared
+        representation), averaged over DDP ranks; ``rows``: this rank's slice of a gathered representation."""
+        rep = self.needs == "rep_grads"
+        if rep and (ctx.features is None or not ctx.features.requires_grad):
+            raise ValueError(f"{type(self).__name__} needs ctx.features (the shared representation in the graph)")
+        wrt: list[Tensor] = [ctx.features] if rep and ctx.features is not None else list(shared)
+        G = torch.stack([flat_grads(losses[t], wrt) for t in tasks])
+        dist = ctx.dist
+        if dist is not None and rep:
+            counts = dist.row_counts(G.shape[1])
+            rows = (sum(counts[:dist.rank]), counts[dist.rank])
+            return dist.gather_rows(G.T.contiguous()).T / dist.world_size, rows
+        if dist is not None:
+            G = dist.all_reduce_sum(G) / dist.world_size
+        return G, None
+
+    def _apply_direction(self, d: Tensor, shared: list[nn.Parameter], others: list[nn.Parameter],
+                         ctx: StepContext) -> None:
+        """Accumulate direction ``d`` into the shared parameters' ``.grad`` (through the representation for
+        ``rep_grads``; a shared parameter downstream of it joins ``others``, which get plain gradients)."""
+        if self.needs == "rep_grads":
+            feats = ctx.features
+            assert feats is not None
+            grads = torch.autograd.grad(feats, shared, grad_outputs=d.view_as(feats).to(feats.dtype),
+                                        retain_graph=True, allow_unused=True)
+            for p, g in zip(shared, grads, strict=True):
+                if g is None:
+                    others.append(p)
+                else:
+                    _accumulate(p, g)
+            return
+        offset = 0
+        for p in shared:
+            n = p.numel()
+            _accumulate(p, d[offset:offset + n].view_as(p))
+            offset += n
 
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}, needs={self.needs!r}"

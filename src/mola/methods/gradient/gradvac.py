@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mola.methods.base import WEIGHTINGS
-from mola.methods.gradient._solvers import combine, gram
+from mola.methods.gradient._solvers import combine, gram, host_orders
 from mola.methods.gradient.base import GradientMethod
 
 
@@ -27,8 +27,8 @@ def weights(K: np.ndarray, targets: np.ndarray, beta: float = 0.5, eps: float = 
     """Coefficients c with direction = c @ G; ``targets`` (T x T, the EMA phi^) is updated in place."""
     T = K.shape[0]
     coefs = np.eye(T)
-    for i in range(T):
-        for j in torch.randperm(T, generator=generator).tolist():
+    for i, order in enumerate(host_orders(T, generator)):
+        for j in order:
             if j == i:
                 continue
             c = coefs[i]
@@ -49,8 +49,13 @@ def aggregate(G: Tensor, targets: Tensor | None = None, beta: float = 0.5, eps: 
               generator: torch.Generator | None = None) -> Tensor:
     """GradVac direction of the rows of G; ``targets`` (T x T tensor, phi^) is updated in place if given."""
     T = G.shape[0]
-    tgt = np.zeros((T, T)) if targets is None else targets.detach().cpu().to(torch.float64).numpy().copy()
-    c = weights(gram(G), tgt, beta=beta, eps=eps, generator=generator)
+    if targets is None:
+        K, tgt = gram(G), np.zeros((T, T))
+    else:  # the Gram matrix and the EMA targets come to the host in one read
+        Gd = G.detach().to(torch.float64)
+        both = torch.stack([Gd @ Gd.T, targets.detach().to(Gd)]).cpu().numpy()
+        K, tgt = both[0], both[1].copy()
+    c = weights(K, tgt, beta=beta, eps=eps, generator=generator)
     if targets is not None:
         targets.copy_(torch.from_numpy(tgt).to(targets))
     return combine(c, G)

@@ -15,18 +15,18 @@ import torch
 from torch import Tensor
 
 from mola.methods.base import WEIGHTINGS
-from mola.methods.gradient._solvers import combine, gram
+from mola.methods.gradient._solvers import combine, gram, host_orders
 from mola.methods.gradient.base import GradientMethod
 
 
 def weights(K: np.ndarray, generator: torch.Generator | None = None) -> np.ndarray:
-    """Coefficients c with direction = c @ G, given the Gram matrix K; orders from ``torch.randperm``."""
+    """Coefficients c with direction = c @ G, given the Gram matrix K; orders from ``host_orders``."""
     T = K.shape[0]
     total = np.zeros(T)
-    for i in range(T):
+    for i, order in enumerate(host_orders(T, generator)):
         coef = np.zeros(T)
         coef[i] = 1.0
-        for j in torch.randperm(T, generator=generator).tolist():
+        for j in order:
             if j == i or K[j, j] <= 0.0:
                 continue
             dot = float(coef @ K[:, j])  # <current g_i, original g_j>

@@ -1,5 +1,6 @@
-"""Loss-weighting methods (they only rescale the per-task losses), registered in WEIGHTINGS."""
+"""Loss-weighting methods (they only rescale the per-task losses), one file each, registered in WEIGHTINGS;
+importing this package imports every module in it (module discovery, ``mola.registry.import_plugins``)."""
 
-from mola.methods.weighting import dwa, ew, gradnorm, rlw
+from mola.registry import import_plugins
 
-__all__ = ["dwa", "ew", "gradnorm", "rlw"]
+import_plugins(__name__)

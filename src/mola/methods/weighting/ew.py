@@ -1,4 +1,4 @@
-"""EW: equal weighting, the plain sum of the present tasks' mean losses (method.md §6); the default."""
+"""EW: equal weighting, the plain sum of the present tasks' mean losses (docs/methods/weighting.md); the default."""
 
 from __future__ import annotations
 

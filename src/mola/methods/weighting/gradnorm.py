@@ -87,9 +87,9 @@ class GradNorm(Method):
         idx = torch.tensor(tasks, device=w.device)
         with torch.no_grad():
             init = self.initial_losses
-            first = torch.isnan(init.index_select(0, idx.to(init.device)))
-            if bool(first.any()):
-                init[idx[first].to(init.device)] = L.to(init)[first.to(L.device)]
+            at = idx.to(init.device)
+            cur = init.index_select(0, at)  # a task's first loss becomes its initial loss (no host sync)
+            init.index_copy_(0, at, torch.where(torch.isnan(cur), L.to(init), cur))
         if len(tasks) > 1:
             target = self._target(ctx)
             if ctx.dist is None:

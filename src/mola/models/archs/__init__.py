@@ -1,14 +1,6 @@
-"""Baseline architectures and MoLA, one file each, registered in ``mola.models.base.ARCHS``."""
+"""Baseline architectures and MoLA, one file each, registered in ``mola.models.base.ARCHS``; importing this
+package imports every module in it (module discovery, ``mola.registry.import_plugins``)."""
 
-from mola.models.archs import (  # noqa: F401
-    cgc,
-    cross_stitch,
-    dselect_k,
-    hps,
-    hps_wide,
-    ltb,
-    mmoe,
-    mola,
-    mtan,
-    single_task,
-)
+from mola.registry import import_plugins
+
+import_plugins(__name__)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from mola.data.base import Heterogeneity, TaskInfo
 from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options
+from mola.tasks import Heterogeneity, TaskInfo
 
 
 @dataclass

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from mola.data.base import Heterogeneity, TaskInfo
 from mola.models.archs.mola import MoLANet
 from mola.models.backbones import build_backbone
 from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options
+from mola.tasks import Heterogeneity, TaskInfo
 
 WIDTH_BACKBONES = ("small_cnn", "mlp", "vit_small")
 MAX_WIDTH_FACTOR = 8

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mola.data.base import Heterogeneity, TaskInfo
 from mola.models.archs.cross_stitch import backbone_stages, stacked_task_outputs
 from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options
+from mola.tasks import Heterogeneity, TaskInfo
 
 
 def _sync_temperature(module: nn.Module, incompatible_keys: object) -> None:

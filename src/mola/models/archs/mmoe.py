@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mola.data.base import Heterogeneity, TaskInfo
 from mola.models.archs.cross_stitch import backbone_stages, run_stages, stage_shapes, stage_slice
 from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options
+from mola.tasks import Heterogeneity, TaskInfo
 
 
 def gate_input(h: Tensor, pool: int) -> Tensor:

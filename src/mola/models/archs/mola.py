@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mola.data.base import Heterogeneity, TaskInfo
 from mola.inject import inject
 from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options
+from mola.tasks import Heterogeneity, TaskInfo
 
 
 @dataclass
@@ -21,11 +21,11 @@ class MoLAOptions:
 
 @ARCHS.register("mola")
 class MoLANet(MultiTaskModel):
-    """MoLA-Grad / MoLA-Router (method.md §3-4). E defaults to the number of tasks (with ``task_to_expert``:
+    """MoLA-Grad / MoLA-Router (docs/concepts.md). E defaults to the number of tasks (with ``task_to_expert``:
     the number of adapters it names). Router mode takes any E; grad mode needs E = T or ``task_to_expert``.
 
     Single-input tasks in grad mode run the encoder once per task (the batch repeated T times with ids
-    0..T-1), so every task's adapter is trained on its own head's loss (method.md §3).
+    0..T-1), so every task's adapter is trained on its own head's loss (docs/concepts.md).
     """
 
     Options = MoLAOptions

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mola.data.base import Heterogeneity, TaskInfo
 from mola.models.archs.cross_stitch import backbone_stages, stage_shapes
 from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options
+from mola.tasks import Heterogeneity, TaskInfo
 
 
 def _attention(cin: int, cout: int, hidden: int, vector: bool) -> nn.Sequential:

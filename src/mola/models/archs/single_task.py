@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mola.data.base import Heterogeneity, TaskInfo
 from mola.models.base import ARCHS, BackboneFactory, ModelConfig, MultiTaskModel, parse_options
 from mola.models.heads import make_head
+from mola.tasks import Heterogeneity, TaskInfo
 
 
 @dataclass
