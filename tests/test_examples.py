@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ def run_example(name: str, args: list[str], cwd: Path) -> str:
 
 def test_every_example_is_tested() -> None:
     tested = {"own_loop_torchvision.py", "vit.py", "custom_folder_dataset.py", "sweep_and_report.py",
-              "paired_analysis.py"}
+              "paired_analysis.py", "gain_vs_conflict.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -110,3 +111,48 @@ def test_paired_analysis_matches_scipy(tmp_path: Path, capsys: pytest.CaptureFix
     low, high = stats.t.interval(0.95, 4, loc=sum(d) / 5, scale=stats.sem(d))
     assert low > 0 and f"[{low:+.4f}, {high:+.4f}]" in row and "| 5/0 |" in row and "| better |" in row
 
+
+
+def test_gain_vs_conflict_pairs_by_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """examples/gain_vs_conflict.py on hand-made runs: per-point gains and the contrast of two points equal
+    scipy's t intervals of the paired differences; the conflict value is the mean pair cosine of conflict.csv."""
+    import importlib.util
+
+    from scipy import stats
+
+    from mola.engine.config import RunConfig, dump_config
+
+    acc = {("lo", "m"): [0.80, 0.82, 0.79, 0.85], ("lo", "r"): [0.81, 0.80, 0.80, 0.84],
+           ("hi", "m"): [0.70, 0.74, 0.69, 0.77], ("hi", "r"): [0.62, 0.70, 0.61, 0.70]}
+    for (point, group), values in acc.items():
+        for seed, v in enumerate(values):
+            run = tmp_path / point / f"{group}-s{3 - seed}"  # folder order is not seed order
+            run.mkdir(parents=True)
+            cfg = RunConfig()
+            cfg.train.seed = seed
+            dump_config(cfg, run / "config.yaml")
+            (run / "final.json").write_text(json.dumps({"mean": {"test": {"acc": v}}}))
+        (tmp_path / point / "cf").mkdir(exist_ok=True)
+        cos = [0.3, 0.1] if point == "lo" else [-0.2, 0.0]
+        (tmp_path / point / "cf" / "conflict.csv").write_text(
+            "layer,task_a,task_b,cosine,ci_low,ci_high,neg_fraction,norm_ratio,n\n"
+            + "".join(f"ALL,a,b{i},{c},,,0,1,8\n" for i, c in enumerate(cos)) + "layer4,a,b,0.9,,,0,1,8\n")
+    spec = importlib.util.spec_from_file_location("gain_vs_conflict", EXAMPLES / "gain_vs_conflict.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = []
+    for point in ("lo", "hi"):
+        args += ["--point", point, str(tmp_path / point / "m-s*"), str(tmp_path / point / "r-s*"),
+                 str(tmp_path / point / "cf")]
+    module.main(args + ["--contrast", "hi", "lo", "--out", str(tmp_path / "out")])
+    text = capsys.readouterr().out
+    gain = {p: [100 * (m - r) for m, r in zip(acc[(p, "m")], acc[(p, "r")], strict=True)] for p in ("lo", "hi")}
+    for p, conflict in (("lo", 0.2), ("hi", -0.1)):
+        d = gain[p]
+        low, high = stats.t.interval(0.95, 3, loc=np.mean(d), scale=stats.sem(d))
+        assert f"| {p} | {conflict:+.3f} | 4 | {np.mean(d):+.2f} [{low:+.2f}, {high:+.2f}]" in text
+    d = [h - lo for h, lo in zip(gain["hi"], gain["lo"], strict=True)]
+    low, high = stats.t.interval(0.95, 3, loc=np.mean(d), scale=stats.sem(d))
+    assert f"contrast gain[hi] - gain[lo], paired by seed: {np.mean(d):+.2f} [{low:+.2f}, {high:+.2f}]" in text
+    assert (tmp_path / "out" / "gain_vs_conflict.png").is_file()

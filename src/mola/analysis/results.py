@@ -18,7 +18,7 @@ POOL_FREE_KEYS = frozenset({
     "train.checkpoint_every_steps", "train.single_task_results", "data.num_workers", "data.eval_batch_size"})
 """Config keys that may differ between runs pooled as seeds of one row (they do not change the trained model)."""
 SCENARIO_KEYS = ("kind", "root", "domains", "tasks", "image_size", "channels", "feature", "val_fraction",
-                 "test_fraction", "split_seed", "max_per_task", "max_eval_per_task")
+                 "test_fraction", "split_seed", "max_per_task", "max_eval_per_task", "shift")
 """``data.*`` keys that define a scenario: runs that differ in any of them are reported in separate tables."""
 
 
