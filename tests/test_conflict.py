@@ -275,3 +275,34 @@ def test_single_input_tasks_are_measured_on_the_same_rows(tmp_path: Path, arch: 
     assert {(r["task_a"], r["task_b"]) for r in rows} == {("segmentation", "depth"), ("segmentation", "normal"),
                                                          ("depth", "normal")}
     assert all(np.isfinite(r["cosine"]) and -1 <= r["cosine"] <= 1 for r in rows)
+
+
+def test_shifted_digits_scramble_is_a_nested_per_domain_permutation() -> None:
+    from mola.data.layouts.shifted_digits import scramble, scramble_plan
+
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(scramble(x, 0.0, "p0", 0), x)
+    full = scramble(x, 1.0, "p0", 0)
+    assert not torch.equal(full, x)
+    assert torch.equal(full.reshape(3, -1).sort(1).values, x.reshape(3, -1).sort(1).values)  # pixels only move
+    assert not torch.equal(scramble(x, 1.0, "p1", 0), full)  # each domain its own permutation
+    small, _ = scramble_plan(0.25, "p0", 0)
+    large, _ = scramble_plan(0.5, "p0", 0)
+    assert len(small) == 196 and set(small) <= set(large)  # nested levels
+    with pytest.raises(ValueError, match="data.shift"):
+        load_config(None, ["data.shift=1.5"])
+    with pytest.raises(ValueError, match="data.shift"):
+        load_config(None, ["data.shift=-0.1"])
+
+
+def test_shifted_digits_domains_are_disjoint_draws() -> None:
+    from mola.data import build_scenario
+
+    cfg = load_config(None, [f"data.root={shared_dir('digits')}", "data.kind=shifted_digits", "data.shift=0",
+                             "data.max_per_task=50", "data.max_eval_per_task=20"])
+    sc = build_scenario(cfg.data)
+    assert [t.name for t in sc.tasks] == ["p0", "p1", "p2", "p3"] and sc.shared_head
+    ids = np.asarray(sc.train.task_ids)
+    flat = sc.train.inputs.reshape(len(ids), -1)
+    rows = {k: {tuple(r.tolist()) for r in flat[ids == k][:, ::7]} for k in range(4)}
+    assert all(not (rows[a] & rows[b]) for a in range(4) for b in range(a + 1, 4))

@@ -79,6 +79,23 @@ DOMAIN_LOADERS: dict[str, Callable[[Path], dict[str, tuple[Tensor, np.ndarray]]]
 }
 
 
+def standardized_datasets(parts: dict[str, list[tuple[Tensor, np.ndarray]]],
+                          cfg: DataConfig) -> tuple[dict[str, ArrayTaskDataset], float, float]:
+    """Per-split datasets of per-domain (images in [0, 1], labels) blocks, standardised with the pooled training
+    mean/std, in ``cfg.channels`` (default 1) and resized to ``cfg.image_size`` (default 28); and that mean/std."""
+    train_x = torch.cat([p[0] for p in parts["train"]])
+    mean, std = float(train_x.mean()), float(train_x.std().clamp_min(1e-6))
+    channels = cfg.channels or 1
+    size = cfg.image_size or 28
+    ds = {}
+    for split, blocks in parts.items():
+        x = to_channels((torch.cat([b[0] for b in blocks]) - mean) / std, channels)
+        y = torch.from_numpy(np.concatenate([b[1] for b in blocks]))
+        ds[split] = ArrayTaskDataset(x, y, concat_task_ids([len(b[1]) for b in blocks]),
+                                     transform=ResizeTensor(size) if size != 28 else None)
+    return ds, mean, std
+
+
 @SCENARIOS.register("digits")
 def build_digits(cfg: DataConfig) -> Scenario:
     """MNIST / USPS digit domains -> a domain-heterogeneity Scenario of (1, 28, 28) images."""
@@ -101,16 +118,9 @@ def build_digits(cfg: DataConfig) -> Scenario:
         parts["val"].append((xtr[va], ytr[va]))
         parts["test"].append((xte[te], yte[te]))
 
-    train_x = torch.cat([p[0] for p in parts["train"]])
-    mean, std = float(train_x.mean()), float(train_x.std().clamp_min(1e-6))
+    ds, mean, std = standardized_datasets(parts, cfg)
     channels = cfg.channels or 1
     size = cfg.image_size or 28
-    ds = {}
-    for s, blocks in parts.items():
-        x = to_channels((torch.cat([b[0] for b in blocks]) - mean) / std, channels)
-        y = torch.from_numpy(np.concatenate([b[1] for b in blocks]))
-        tf = ResizeTensor(size) if size != 28 else None
-        ds[s] = ArrayTaskDataset(x, y, concat_task_ids([len(b[1]) for b in blocks]), transform=tf)
     return Scenario(
         name="digits",
         heterogeneity="domain",

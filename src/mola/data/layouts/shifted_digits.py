@@ -18,17 +18,15 @@ from torch import Tensor
 from mola.data.config import DataConfig
 from mola.data.layouts._common import (
     cap,
-    concat_task_ids,
     name_seed,
     require_dir,
     resolve_root,
     select_names,
     stratified_split,
 )
-from mola.data.layouts.digits import LAYOUT, load_mnist
+from mola.data.layouts.digits import LAYOUT, load_mnist, standardized_datasets
 from mola.data.registry import SCENARIOS
-from mola.data.transforms import ResizeTensor, to_channels
-from mola.tasks import ArrayTaskDataset, Scenario, TaskInfo
+from mola.tasks import Scenario, TaskInfo
 
 DOMAINS = [f"p{i}" for i in range(8)]
 DEFAULT_DOMAINS = DOMAINS[:4]
@@ -83,16 +81,9 @@ def build_shifted_digits(cfg: DataConfig) -> Scenario:
         te = cap(np.sort(pool_te[slot]), min(TEST_CAP, cfg.max_eval_per_task or TEST_CAP), rng)
         for split, x, y, rows in (("train", xtr, ytr, tr), ("val", xtr, ytr, va), ("test", xte, yte, te)):
             parts[split].append((scramble(x[torch.from_numpy(rows)], cfg.shift, d, cfg.split_seed), y[rows]))
-    train_x = torch.cat([p[0] for p in parts["train"]])
-    mean, std = float(train_x.mean()), float(train_x.std().clamp_min(1e-6))
+    ds, mean, std = standardized_datasets(parts, cfg)
     channels = cfg.channels or 1
     size = cfg.image_size or 28
-    ds = {}
-    for split, blocks in parts.items():
-        x = to_channels((torch.cat([b[0] for b in blocks]) - mean) / std, channels)
-        y = torch.from_numpy(np.concatenate([b[1] for b in blocks]))
-        ds[split] = ArrayTaskDataset(x, y, concat_task_ids([len(b[1]) for b in blocks]),
-                                     transform=ResizeTensor(size) if size != 28 else None)
     counts = [len(b[1]) for b in parts["train"]]
     return Scenario(
         name="shifted_digits",
