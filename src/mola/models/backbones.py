@@ -57,8 +57,8 @@ class Backbone(Protocol):
     a map (B, C, h, w) or a vector (B, C), with
 
     - ``out_dim`` (int): C, the feature size the task heads read;
-    - optionally ``mola_stages`` (module names): the stages the MoLA presets (``model.mola.targets``) and
-      cross-stitch units address, when the default stage search cannot find them;
+    - optionally ``mola_stages`` (module names, or lists of names, one per stage): the stages the MoLA presets
+      (``model.mola.targets``) and cross-stitch units address, when the default stage search cannot find them;
     - optionally ``fixed_input_size`` (bool): True when the backbone takes only its built input size (MLP, ViT).
     """
 
@@ -81,9 +81,13 @@ def check_backbone(net: Any, name: str) -> nn.Module:
     if stages is not None:
         names = dict(net.named_modules())
         listed = [stages] if isinstance(stages, str) else list(stages)
-        bad = [s for s in listed if not isinstance(s, str) or s not in names or isinstance(stages, str)]
-        if bad:
-            raise TypeError(f"{fix} whose `mola_stages` names no submodule: {bad}; list its stage modules' names")
+        # a stage is one module name or a list of them (a group: e.g. timm feature stacks grouped by resolution)
+        flat = [n for s in listed for n in (s if isinstance(s, (list, tuple)) else [s])]
+        bad = [n for n in flat if not isinstance(n, str) or n not in names] or ([stages] if isinstance(stages, str)
+                                                                                else [])
+        if bad or not flat:
+            raise TypeError(f"{fix} whose `mola_stages` names no submodule: {bad or listed}; list its stage modules' "
+                            "names (or lists of names, one list per stage)")
     fixed = getattr(net, "fixed_input_size", False)
     if not isinstance(fixed, bool):
         raise TypeError(f"{fix} whose `fixed_input_size` is {fixed!r}, not a bool")
