@@ -134,13 +134,19 @@ def test_run_folder_lock_names_the_other_process(tmp_path: Path, setup: tuple[Pa
     assert not (tmp_path / "run" / LOCK_NAME).exists()
 
 
-def test_results_without_checkpoint_are_not_overwritten(tmp_path: Path, setup: tuple[Path, Path],
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    config, ref = setup
+def _results_without_checkpoint(tmp_path: Path, ref: Path) -> Path:
+    """A run folder holding a finished run's config.yaml, metrics.csv and final.json but no checkpoint."""
     run = tmp_path / "run"
     run.mkdir()
     for name in ("config.yaml", "metrics.csv", "final.json"):
         (run / name).write_text((ref / name).read_text())
+    return run
+
+
+def test_results_without_checkpoint_are_not_overwritten(tmp_path: Path, setup: tuple[Path, Path],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    config, ref = setup
+    run = _results_without_checkpoint(tmp_path, ref)
     for extra in ([], ["--resume"]):
         assert main(["train", "--config", str(config), "--out", str(run), *extra]) == 2
         assert "holds config.yaml, metrics.csv, final.json but no checkpoint to resume from; pass --overwrite" \
@@ -206,10 +212,7 @@ def test_resume_with_fewer_epochs_is_refused_and_writes_nothing(setup: tuple[Pat
 def test_overwrite_removes_everything_the_old_run_wrote(tmp_path: Path, setup: tuple[Path, Path],
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     config, ref = setup
-    run = tmp_path / "run"
-    run.mkdir()
-    for name in ("config.yaml", "metrics.csv", "final.json"):
-        (run / name).write_text((ref / name).read_text())
+    run = _results_without_checkpoint(tmp_path, ref)
     (run / "task_centroids.json").write_text("{}")
     for folder in ("analysis", "tb", "report", "conflict"):
         (run / folder).mkdir()
