@@ -306,3 +306,29 @@ def test_shifted_digits_domains_are_disjoint_draws() -> None:
     flat = sc.train.inputs.reshape(len(ids), -1)
     rows = {k: {tuple(r.tolist()) for r in flat[ids == k][:, ::7]} for k in range(4)}
     assert all(not (rows[a] & rows[b]) for a in range(4) for b in range(a + 1, 4))
+
+
+def test_multi_input_tasks_get_balanced_batches_and_every_pair() -> None:
+    """Multi-input tasks (own inputs, own heads): each batch holds rows of every task, even the rare one."""
+    from mola.engine.conflict import conflict_batches
+
+    g = torch.Generator().manual_seed(5)
+    sizes = [40, 30, 3]  # a 4% task still gets its rows in every batch
+    x = torch.randn(sum(sizes), 1, 8, 8, generator=g)
+    y = torch.cat([torch.randint(0, k, (n,), generator=g) for k, n in zip((3, 4, 2), sizes, strict=True)])
+    ids = np.repeat(np.arange(3), sizes)
+    ds = ArrayTaskDataset(x, y, ids)
+    tasks = [TaskInfo("a", "classification", 3), TaskInfo("b", "classification", 4), TaskInfo("c", "classification", 2)]
+    sc = Scenario("three", "multi_input", tasks, ds, ds, ds, (1, 8, 8))
+    batches = conflict_batches(sc, num_batches=3, batch_size=30, seed=1)
+    for rows in batches:
+        counts = np.bincount(ids[rows], minlength=3)
+        assert counts.tolist() == [10, 10, 3] and len(set(rows)) == len(rows)
+    cfg = ModelConfig(arch="mola")
+    cfg.backbone.name, cfg.backbone.width = "small_cnn", 4
+    result = model_conflict(build_model(sc, cfg), sc, num_batches=3, batch_size=30)
+    rows = result.rows(n_boot=50)
+    assert len(rows) == 3 * len(result.levels())
+    assert all(np.isfinite(r["cosine"]) and r["n"] == 3 for r in rows)
+    with pytest.raises(ValueError, match="at least one batch"):
+        measure_conflict(TwoLayer(1), lambda b: {}, [], {ALL: ["fc1.weight"]}, ["a"])
