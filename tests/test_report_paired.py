@@ -144,3 +144,26 @@ def test_report_marks_rows_selected_on_test(tmp_path: Path) -> None:
     md = files["md"].read_text()
     assert "| single_task † |" in md and "| hps |" in md
     assert "selected on the test split" in md
+
+
+def test_report_shows_trainable_parameters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every table row, the paired summary and report.csv carry the runs' trainable parameters (final.json's
+    ``trainable_parameters``; older runs: ``parameters.total``; a mean marked "~" when seeds differ)."""
+    root = tmp_path / "runs"
+    for s in range(3):
+        for arch, count in (("hps", 1000), ("mola", 1234567 + s)):
+            run = _run(root / f"{arch}-s{s}", arch, s, {"a": 0.8 + 0.01 * s + (arch == "mola") * 0.02})
+            final = json.loads((run / "final.json").read_text())
+            if arch == "hps":
+                final["parameters"] = {"backbone": 900, "heads": 100, "total": count}  # an older run
+            else:
+                final["trainable_parameters"] = count
+            (run / "final.json").write_text(json.dumps(final))
+    assert main(["report", str(root), "--paired", "hps", "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    assert "| method | n | trainable params |" in out
+    assert "| hps | 3 | 1,000 |" in out and "| mola-grad | 3 | ~1,234,568 |" in out
+    assert "the reference has 1,000 trainable parameters" in out
+    with open(tmp_path / "rep" / "report.csv") as fh:
+        counts = {r["row"]: r["trainable_params"] for r in csv.DictReader(fh)}
+    assert counts == {"hps": "1000", "mola-grad": "1234568"}

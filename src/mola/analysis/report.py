@@ -44,12 +44,18 @@ class ReportRow:
         v = [x for x in self.values.get(col, []) if math.isfinite(x)]
         return float(np.mean(v)) if v else math.nan
 
-    def params(self) -> str:
-        """Trainable parameters of the row's runs ("—" when unknown; the mean when they differ)."""
+    def param_count(self) -> float | None:
+        """Trainable parameters of the row's runs (their mean when they differ; None when unknown)."""
         vals = [r.params for r in self.runs if r.params is not None]
-        if not vals:
+        return float(np.mean(vals)) if vals else None
+
+    def params(self) -> str:
+        """``param_count`` for tables: "—" when unknown, "~" in front of a mean of differing counts."""
+        count = self.param_count()
+        if count is None:
             return "—"
-        return f"{vals[0]:,}" if len(set(vals)) == 1 else f"~{round(float(np.mean(vals))):,}"
+        same = len({r.params for r in self.runs if r.params is not None}) == 1
+        return f"{round(count):,}" if same else f"~{round(count):,}"
 
     def std(self, col: str) -> float:
         """Sample standard deviation over seeds (nan with fewer than two runs)."""
@@ -273,7 +279,8 @@ def write_csv(tables: ReportTable | list[ReportTable], path: str | Path) -> None
                 vals = []
                 for c in columns:
                     vals += [row.mean(c), row.std(c)]
-                w.writerow([row.label, *row.key, len(row.runs), seeds, row.params().replace(",", "")]
+                count = row.param_count()
+                w.writerow([row.label, *row.key, len(row.runs), seeds, "" if count is None else round(count)]
                            + ([scenario_title(table)] if len(tables) > 1 else [])
                            + ["" if not math.isfinite(v) else repr(float(v)) for v in vals])
 

@@ -23,6 +23,8 @@ def cmd_conflict(args: argparse.Namespace) -> int:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     device = resolve_device(args.device, "--device")
     if args.checkpoint:
         run = load_run(args.checkpoint, args.which, device, overrides=args.overrides)

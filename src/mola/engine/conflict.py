@@ -20,7 +20,7 @@ from torch.utils.data import default_collate
 
 from mola.inject.targets import find_stages, resolve_targets
 from mola.layers import MoLALayer
-from mola.tasks import ALL_TASKS, Scenario
+from mola.tasks import Scenario
 
 ALL = "ALL"
 STAGE = "stage:"
@@ -197,8 +197,6 @@ def measure_conflict(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], 
         raise ValueError(f"measuring conflict would keep {need / 2**30:.1f} GiB of gradients ({len(batches)} "
                          f"batches x {t} tasks x {total:,} shared weights); use fewer batches (--batches) or "
                          f"fewer tasks")
-    offsets = np.cumsum([0] + sizes)
-    where = {n: (int(offsets[i]), int(offsets[i + 1])) for i, n in enumerate(order)}
     grads = torch.zeros(len(batches), t, total, dtype=torch.float32)
     from tqdm.auto import tqdm
 
@@ -213,13 +211,16 @@ def measure_conflict(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], 
             g = torch.autograd.grad(losses[k], params, retain_graph=j + 1 < len(present), allow_unused=True)
             grads[i, k] = torch.cat([(x if x is not None else torch.zeros_like(p)).detach().reshape(-1).float().cpu()
                                      for x, p in zip(g, params, strict=True)])
+    # one float64 Gram per parameter (a slice at a time, no copy of the whole matrix); a level's Gram is the sum
+    # of its parameters' Grams, so the weights shared by a layer, its stage and ALL are multiplied once
     flat = grads.reshape(len(batches) * t, total)
-    grams, level_sizes = {}, {}
-    for level, pnames in levels.items():
-        idx = torch.cat([torch.arange(*where[n]) for n in pnames])
-        x = flat.index_select(1, idx).double()
-        grams[level] = (x @ x.T).reshape(len(batches), t, len(batches), t).numpy()
-        level_sizes[level] = int(idx.numel())
+    per_param = {}
+    for n, x in zip(order, flat.split(sizes, dim=1), strict=True):
+        x = x.double()
+        per_param[n] = (x @ x.T).numpy()
+    shape = (len(batches), t, len(batches), t)
+    grams = {level: sum(per_param[n] for n in pnames).reshape(shape) for level, pnames in levels.items()}
+    level_sizes = {level: sum(named[n].numel() for n in pnames) for level, pnames in levels.items()}
     return ConflictResult(list(tasks), grams, level_sizes)
 
 
@@ -263,10 +264,8 @@ def model_conflict(model: nn.Module, scenario: Scenario, num_batches: int = 8, b
         return default_collate([data[i] for i in rows])
 
     def loss_fn(batch: Any) -> dict[int, Tensor]:
-        x, y, t = (to_device(v, device) for v in batch)
-        if scenario.heterogeneity == "single_input":
-            t = torch.full((x.shape[0],), ALL_TASKS, dtype=torch.long, device=device)
-        return forward_losses(model, tasks, x, y, t)[1]  # type: ignore[arg-type]
+        x, y, t = (to_device(v, device) for v in batch)  # single-input rows carry task id ALL_TASKS
+        return forward_losses(model, tasks, x, y, t)[1]
 
     was_training = model.training
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
